@@ -1,0 +1,187 @@
+"""The backend-agnostic store interface.
+
+A ``Store`` holds serialized values (``str``, normally an envelope written by
+``relay.stores.envelope``) under full key strings built by ``relay.stores.keys``.
+Business code never talks to a ``Store`` directly: it uses a ``DomainStore``
+(``relay.stores.domain``), which binds one domain's key space and schema.
+
+Semantics every backend keeps (the contract suite in ``tests/stores`` checks them):
+
+* TTLs are integer milliseconds; ``None`` means no expiry. Zero, negative,
+  fractional or non-numeric TTLs raise ``ValueError`` before anything is written.
+* An expired key is invisible at once.
+* Values must be ``str`` no larger than ``max_value_bytes`` (UTF-8) or
+  ``ValueTooLarge``/``TypeError`` is raised before any write.
+* Counters (``incr``), locks and sorted indexes are native types, not
+  envelopes; a key holds one kind of thing only.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
+
+DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+
+
+class StoreError(Exception):
+    """A backend failed (connection, timeout, open breaker, server error)."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend could not be reached or did not answer in time."""
+
+
+class ValueTooLarge(ValueError):
+    """A value is larger than the configured cap; nothing was written."""
+
+
+def validate_ttl(ttl_ms: object) -> Optional[int]:
+    """Return ``ttl_ms`` when it is ``None`` or a positive integer, else raise ``ValueError``."""
+    if ttl_ms is None:
+        return None
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int):
+        raise ValueError(f"ttl_ms must be a positive integer of milliseconds or None, got {ttl_ms!r}")
+    if ttl_ms <= 0:
+        raise ValueError(f"ttl_ms must be positive, got {ttl_ms}")
+    return ttl_ms
+
+
+def validate_lock_ttl(ttl_ms: object) -> int:
+    """Like ``validate_ttl``, but a lock always expires: ``None`` is refused too."""
+    if ttl_ms is None:
+        raise ValueError("a lock needs a TTL in milliseconds")
+    return validate_ttl(ttl_ms)  # type: ignore[return-value]
+
+
+def validate_value(value: object, max_value_bytes: int) -> str:
+    """Check a serialized value before it is written."""
+    if not isinstance(value, str):
+        raise TypeError(f"store values are serialized strings, got {type(value).__name__}")
+    size = len(value.encode("utf-8"))
+    if size > max_value_bytes:
+        raise ValueTooLarge(f"value of {size} bytes exceeds the cap of {max_value_bytes} bytes")
+    return value
+
+
+def validate_limit(limit: object) -> Optional[int]:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+    return limit
+
+
+class Store(abc.ABC):
+    """Key/value operations plus the atomic helpers correctness-critical flows need."""
+
+    #: "memory" or "redis"; routed stores report their authoritative backend.
+    backend_name: str = "abstract"
+
+    def __init__(self, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+        self.max_value_bytes = max_value_bytes
+
+    # -- plain values -----------------------------------------------------------------
+    @abc.abstractmethod
+    def get(self, key: str) -> Optional[str]:
+        """The value, or ``None`` when absent or expired."""
+
+    @abc.abstractmethod
+    def set(self, key: str, value: str, ttl_ms: Optional[int] = None) -> None:
+        """Write ``value``, replacing any value and TTL."""
+
+    @abc.abstractmethod
+    def delete(self, *keys: str) -> int:
+        """Remove keys of any kind; return how many existed."""
+
+    @abc.abstractmethod
+    def mget(self, keys: Sequence[str]) -> list[Optional[str]]:
+        """Values in the order of ``keys``."""
+
+    @abc.abstractmethod
+    def mset(self, items: Mapping[str, str], ttl_ms: Optional[int] = None) -> None:
+        """Write all items atomically, each with the same TTL."""
+
+    # -- atomic helpers ---------------------------------------------------------------
+    @abc.abstractmethod
+    def set_if_absent(self, key: str, value: str, ttl_ms: Optional[int] = None) -> bool:
+        """Reserve ``key``: write only when absent; ``True`` when this call wrote it."""
+
+    @abc.abstractmethod
+    def compare_and_set(
+        self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int] = None
+    ) -> bool:
+        """Write ``value`` only when the current value equals ``expected`` exactly.
+
+        ``expected=None`` means "only when absent". Returns ``True`` when written.
+        Domains use it for optimistic updates: read, compute, ``compare_and_set``, retry.
+        """
+
+    @abc.abstractmethod
+    def compare_and_delete(self, key: str, expected: str) -> bool:
+        """Delete only when the current value equals ``expected`` exactly."""
+
+    @abc.abstractmethod
+    def incr(self, key: str, amount: int = 1, ttl_ms: Optional[int] = None) -> int:
+        """Add ``amount`` to an integer counter and return the new value.
+
+        The TTL is applied only when the counter is created by this call, so a
+        fixed window keeps its original expiry.
+        """
+
+    @abc.abstractmethod
+    def ttl_ms(self, key: str) -> Optional[int]:
+        """Remaining TTL in ms; ``None`` when the key has no expiry or does not exist."""
+
+    # -- locks ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Take the lock for ``token`` unless another token holds it."""
+
+    @abc.abstractmethod
+    def release_lock(self, key: str, token: str) -> bool:
+        """Release only when held by ``token``."""
+
+    @abc.abstractmethod
+    def extend_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Reset the TTL only when held by ``token``."""
+
+    # -- sorted index -----------------------------------------------------------------
+    @abc.abstractmethod
+    def index_add(self, key: str, members: Mapping[str, float]) -> None:
+        """Add or re-score members."""
+
+    @abc.abstractmethod
+    def index_range(
+        self,
+        key: str,
+        limit: Optional[int] = None,
+        newest_first: bool = True,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+    ) -> list[tuple[str, float]]:
+        """Members with scores, highest score first unless ``newest_first`` is false.
+
+        Ties are ordered by member (lexicographically, reversed when newest first),
+        as Redis orders them.
+        """
+
+    @abc.abstractmethod
+    def index_remove(self, key: str, members: Iterable[str]) -> int:
+        """Remove members; return how many were present."""
+
+    @abc.abstractmethod
+    def index_count(self, key: str) -> int:
+        """Number of members."""
+
+    @abc.abstractmethod
+    def index_trim(self, key: str, max_size: int) -> list[str]:
+        """Drop the lowest-scored members beyond ``max_size``; return them."""
+
+    # -- lifecycle --------------------------------------------------------------------
+    def ping(self) -> bool:
+        """``True`` when the backend answers."""
+        return True
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""

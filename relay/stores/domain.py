@@ -1,0 +1,191 @@
+"""``DomainStore``: one domain's view of a ``Store``, in ids and data instead of keys and text.
+
+Domain modules (``relay.domains.*``) receive a ``DomainStore`` and nothing else.
+It builds keys with the domain's ``KeySpace`` prefix, wraps data in the domain's
+versioned envelope, and turns unreadable values into counted misses.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from relay.stores.base import Store
+from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema
+from relay.stores.keys import KeySpace
+
+log = logging.getLogger("relay.stores")
+
+MissListener = Callable[[str, str], None]
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A state domain: its name, envelope schema and key layout."""
+
+    name: str
+    schema: EnvelopeSchema
+    #: Records and domain indexes share one Redis Cluster slot (see relay.stores.keys).
+    colocated: bool = False
+
+
+class CasConflict(Exception):
+    """``DomainStore.update`` lost the race too many times."""
+
+
+class DomainStore:
+    """Typed access to one domain's records, counters, locks and indexes."""
+
+    def __init__(
+        self,
+        store: Store,
+        keys: KeySpace,
+        domain: Domain,
+        clock: Callable[[], int] = wall_ms,
+        on_miss: Optional[MissListener] = None,
+    ) -> None:
+        self.store = store
+        self.domain = domain
+        self.name = domain.name
+        self._keys = keys
+        self._prefix = keys.prefix(domain.name, domain.colocated)
+        self._clock = clock
+        self._on_miss = on_miss
+        self.misses = 0
+
+    # -- keys ---------------------------------------------------------------------------
+    def key(self, id_: str) -> str:
+        return self._keys.key(self.domain.name, id_, self.domain.colocated)
+
+    def index_key(self, name: str) -> str:
+        return self._keys.index_key(self.domain.name, name, self.domain.colocated)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    # -- envelopes ----------------------------------------------------------------------
+    def encode(self, data: Any) -> str:
+        return self.domain.schema.encode(data, self._clock())
+
+    def decode(self, key: str, raw: Optional[str]) -> Optional[Entry]:
+        if raw is None:
+            return None
+        try:
+            return self.domain.schema.decode(raw)
+        except EnvelopeError as exc:
+            self.misses += 1
+            log.warning(
+                "unreadable stored value counted as a miss",
+                extra={"event": "store_miss", "domain": self.name, "reason": exc.reason},
+            )
+            if self._on_miss:
+                self._on_miss(self.name, exc.reason)
+            return None
+
+    # -- records ------------------------------------------------------------------------
+    def get_entry(self, id_: str) -> Optional[Entry]:
+        key = self.key(id_)
+        return self.decode(key, self.store.get(key))
+
+    def get(self, id_: str) -> Any:
+        entry = self.get_entry(id_)
+        return None if entry is None else entry.data
+
+    def mget(self, ids: Sequence[str]) -> list[Any]:
+        keys = [self.key(i) for i in ids]
+        out = []
+        for key, raw in zip(keys, self.store.mget(keys)):
+            entry = self.decode(key, raw)
+            out.append(None if entry is None else entry.data)
+        return out
+
+    def set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> None:
+        self.store.set(self.key(id_), self.encode(data), ttl_ms)
+
+    def mset(self, items: Mapping[str, Any], ttl_ms: Optional[int] = None) -> None:
+        self.store.mset({self.key(i): self.encode(d) for i, d in items.items()}, ttl_ms)
+
+    def delete(self, *ids: str) -> int:
+        return self.store.delete(*(self.key(i) for i in ids)) if ids else 0
+
+    def set_if_absent(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> bool:
+        return self.store.set_if_absent(self.key(id_), self.encode(data), ttl_ms)
+
+    def compare_and_set(
+        self, id_: str, expected: Optional[Entry], data: Any, ttl_ms: Optional[int] = None
+    ) -> bool:
+        return self.store.compare_and_set(
+            self.key(id_), None if expected is None else expected.raw, self.encode(data), ttl_ms
+        )
+
+    def delete_if(self, id_: str, expected: Entry) -> bool:
+        """Delete only when the record is still exactly ``expected``."""
+        return self.store.compare_and_delete(self.key(id_), expected.raw)
+
+    def update(
+        self,
+        id_: str,
+        change: Callable[[Optional[Any]], Optional[Any]],
+        ttl_ms: Optional[int] = None,
+        attempts: int = 16,
+    ) -> Optional[Any]:
+        """Optimistic read-change-write: ``change(current)`` returns the new data, or
+        ``None`` to leave the record as it is. Retries when another writer won."""
+        key = self.key(id_)
+        for _ in range(attempts):
+            raw = self.store.get(key)
+            entry = self.decode(key, raw)
+            new = change(None if entry is None else entry.data)
+            if new is None:
+                return None if entry is None else entry.data
+            if self.store.compare_and_set(key, raw, self.encode(new), ttl_ms):
+                return new
+        raise CasConflict(f"{self.name}: update of {id_!r} kept losing the race")
+
+    def ttl_ms(self, id_: str) -> Optional[int]:
+        return self.store.ttl_ms(self.key(id_))
+
+    # -- counters -----------------------------------------------------------------------
+    def incr(self, id_: str, amount: int = 1, ttl_ms: Optional[int] = None) -> int:
+        return self.store.incr(self.key(id_), amount, ttl_ms)
+
+    # -- locks --------------------------------------------------------------------------
+    def acquire_lock(self, name: str, token: str, ttl_ms: int) -> bool:
+        return self.store.acquire_lock(self.index_key("lock:" + name), token, ttl_ms)
+
+    def release_lock(self, name: str, token: str) -> bool:
+        return self.store.release_lock(self.index_key("lock:" + name), token)
+
+    def extend_lock(self, name: str, token: str, ttl_ms: int) -> bool:
+        return self.store.extend_lock(self.index_key("lock:" + name), token, ttl_ms)
+
+    # -- indexes ------------------------------------------------------------------------
+    def index_add(self, index: str, members: Mapping[str, float]) -> None:
+        self.store.index_add(self.index_key(index), members)
+
+    def index_range(
+        self,
+        index: str,
+        limit: Optional[int] = None,
+        newest_first: bool = True,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+    ) -> list[tuple[str, float]]:
+        return self.store.index_range(self.index_key(index), limit, newest_first, min_score, max_score)
+
+    def index_remove(self, index: str, members: Iterable[str]) -> int:
+        members = list(members)
+        return self.store.index_remove(self.index_key(index), members) if members else 0
+
+    def index_count(self, index: str) -> int:
+        return self.store.index_count(self.index_key(index))
+
+    def index_trim(self, index: str, max_size: int) -> list[str]:
+        return self.store.index_trim(self.index_key(index), max_size)

@@ -1,0 +1,73 @@
+"""Namespaced keys: ``<app>:<env>:<domain>:<id>``.
+
+Ids come from the outside world (WeCom user ids, machine ids, message ids), so
+they are escaped before they become part of a key:
+
+* characters outside ``[A-Za-z0-9._-]`` become ``%XX`` (UTF-8 bytes, upper-case
+  hex), ``%`` included, so escaping is injective: two different ids never give
+  the same key, and an id can never add a ``:`` segment, a glob character
+  (``*?[]``) or a Redis Cluster hash tag (``{}``);
+* an escaped id longer than ``MAX_ESCAPED_ID`` is replaced by ``~`` plus the
+  SHA-256 of the raw id. ``~`` is itself always escaped, so hashed and
+  unhashed ids cannot collide.
+
+Cluster safety: a domain whose records are updated together with a domain
+index (``colocated=True``) puts the domain segment in a hash tag,
+``<app>:<env>:{<domain>}:<id>``, so a record and its index live in one slot and
+one Lua script may touch both. Other domains spread over all slots.
+See ``docs/keys.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_ESCAPED_ID = 200
+_SAFE = re.compile(r"[A-Za-z0-9._-]")
+_SEGMENT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def escape_id(raw: str) -> str:
+    """Escape one id for use as the last key segment."""
+    if not isinstance(raw, str):
+        raise TypeError(f"key ids are strings, got {type(raw).__name__}")
+    out = []
+    for ch in raw:
+        if _SAFE.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    escaped = "".join(out)
+    if not escaped:
+        return "%"  # the empty id; a lone "%" cannot come from escaping anything else
+    if len(escaped) > MAX_ESCAPED_ID:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+        return "~" + digest
+    return escaped
+
+
+class KeySpace:
+    """Builds keys for one application and environment."""
+
+    def __init__(self, app: str = "codexbridge", env: str = "dev") -> None:
+        for name, value in (("app", app), ("env", env)):
+            if not _SEGMENT.match(value):
+                raise ValueError(
+                    f"key {name} {value!r} must be lower-case letters, digits, '_' or '-', "
+                    "starting with a letter"
+                )
+        self.app = app
+        self.env = env
+
+    def prefix(self, domain: str, colocated: bool = False) -> str:
+        if not _SEGMENT.match(domain):
+            raise ValueError(f"invalid domain name {domain!r}")
+        segment = "{" + domain + "}" if colocated else domain
+        return f"{self.app}:{self.env}:{segment}:"
+
+    def key(self, domain: str, id_: str, colocated: bool = False) -> str:
+        return self.prefix(domain, colocated) + escape_id(id_)
+
+    def index_key(self, domain: str, name: str, colocated: bool = False) -> str:
+        """A domain-wide structure (sorted index, lock). ``#`` cannot appear in escaped ids."""
+        return self.prefix(domain, colocated) + "#" + escape_id(name)

@@ -1,0 +1,119 @@
+"""Versioned envelopes (``relay.stores.envelope``): encode, decode, upgrade, errors."""
+from __future__ import annotations
+
+import json
+
+import marshmallow
+import pytest
+from marshmallow import fields
+
+from relay.stores.envelope import (
+    EnvelopeError,
+    EnvelopeSchema,
+    ScalarSchema,
+    iso_ms,
+    parse_iso_ms,
+    raw_updated_at_ms,
+)
+
+NOW_MS = 1_732_000_000_123
+NOW_ISO = "2024-11-19T07:06:40.123Z"
+
+
+class ItemV3(marshmallow.Schema):
+    name = fields.String(required=True)
+    tags = fields.List(fields.String(), required=True)
+    count = fields.Integer(required=True)
+
+
+ITEMS = EnvelopeSchema(
+    3,
+    ItemV3(),
+    upgrades={
+        1: lambda d: {"name": d["title"], "tags": []},
+        2: lambda d: {**d, "count": len(d["tags"])},
+    },
+)
+
+
+def envelope(version: object, data: object, updated_at: object = NOW_ISO) -> str:
+    return json.dumps({"version": version, "updatedAt": updated_at, "data": data})
+
+
+def test_time_format_golden_vectors() -> None:
+    assert iso_ms(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_ms(NOW_MS) == NOW_ISO
+    assert parse_iso_ms(NOW_ISO) == NOW_MS
+    assert parse_iso_ms("2024-11-19T15:06:40.123+08:00") == NOW_MS
+
+
+def test_encode_golden_vector() -> None:
+    raw = EnvelopeSchema(1, ScalarSchema()).encode({"value": "é 名"}, NOW_MS)
+    assert raw == '{"version":1,"updatedAt":"2024-11-19T07:06:40.123Z","data":{"value":"é 名"}}'
+
+
+def test_decode_current_version() -> None:
+    raw = ITEMS.encode({"name": "a", "tags": ["x"], "count": 1}, NOW_MS)
+    entry = ITEMS.decode(raw)
+    assert entry.data == {"name": "a", "tags": ["x"], "count": 1}
+    assert entry.updated_at == NOW_ISO
+    assert entry.raw == raw
+    assert raw_updated_at_ms(raw) == NOW_MS
+
+
+@pytest.mark.parametrize("raw", ["17", "not json", "[1]", json.dumps({"version": 1, "data": {}})])
+def test_raw_updated_at_ms_is_none_for_anything_but_an_envelope(raw: str) -> None:
+    assert raw_updated_at_ms(raw) is None
+
+
+def test_decode_upgrades_through_every_version_in_order() -> None:
+    assert ITEMS.decode(envelope(1, {"title": "old"})).data == {"name": "old", "tags": [], "count": 0}
+    assert ITEMS.decode(envelope(2, {"name": "mid", "tags": ["a", "b"]})).data == {
+        "name": "mid",
+        "tags": ["a", "b"],
+        "count": 2,
+    }
+
+
+def test_newer_version_is_an_unknown_version_error() -> None:
+    with pytest.raises(EnvelopeError) as caught:
+        ITEMS.decode(envelope(4, {"name": "future"}))
+    assert caught.value.reason == "unknown_version"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "[1, 2]",
+        json.dumps({"version": 3, "data": {}}),
+        json.dumps({"version": 3, "updatedAt": NOW_ISO, "data": {}, "extra": 1}),
+        envelope(True, {"name": "a", "tags": [], "count": 0}),
+        envelope(0, {"name": "a", "tags": [], "count": 0}),
+        envelope("3", {"name": "a", "tags": [], "count": 0}),
+        envelope(3, {"name": "a", "tags": [], "count": 0}, updated_at=123),
+        envelope(3, {"name": "a", "tags": [], "count": "many"}),
+        envelope(3, {"name": "a", "tags": [], "count": 0, "unknown": 1}),
+        envelope(1, {"no_title": "x"}),
+        envelope(3, "a scalar"),
+    ],
+)
+def test_corrupt_values_raise_corrupt(raw: str) -> None:
+    with pytest.raises(EnvelopeError) as caught:
+        ITEMS.decode(raw)
+    assert caught.value.reason == "corrupt"
+
+
+def test_encode_rejects_invalid_or_unserializable_data() -> None:
+    with pytest.raises(ValueError, match="invalid data"):
+        ITEMS.encode({"name": "a"}, NOW_MS)
+    scalar = EnvelopeSchema(1, ScalarSchema())
+    with pytest.raises(TypeError):
+        scalar.encode({"value": {1, 2}}, NOW_MS)
+    with pytest.raises(TypeError):
+        scalar.encode({"value": float("nan")}, NOW_MS)
+
+
+def test_schema_needs_an_upgrade_from_every_older_version() -> None:
+    with pytest.raises(ValueError, match=r"\[2\]"):
+        EnvelopeSchema(3, ItemV3(), upgrades={1: lambda d: d})
