@@ -209,6 +209,7 @@ class EnvSchema(marshmallow.Schema):
     redis_close_timeout_ms = EnvInt(1, data_key="REDIS_CLOSE_TIMEOUT_MS", load_default=1500)
     redis_machine_ttl_ms = EnvInt(1, data_key="REDIS_MACHINE_TTL_MS", load_default=None)
     redis_inflight_ttl_ms = EnvInt(1, data_key="REDIS_INFLIGHT_TTL_MS", load_default=None)
+    store_flags_file = EnvText(data_key="STORE_FLAGS_FILE", load_default=None)
     relay_workers = EnvInt(1, 64, data_key="RELAY_WORKERS", load_default=1)
     relay_threads = EnvInt(4, 16384, data_key="RELAY_THREADS", load_default=1024)
     log_level = EnvChoice(("DEBUG", "INFO", "WARNING", "ERROR"), data_key="LOG_LEVEL", load_default="INFO")
@@ -272,15 +273,31 @@ class Settings:
     plans: Mapping[str, DomainPlan] = field(default_factory=lambda: resolve_plans({}))
     #: The environment the plans were resolved from, so runtime flag changes layer on top of it.
     flag_env: Mapping[str, str] = field(default_factory=dict)
+    #: Backends the legacy per-domain variables chose explicitly (``AUDIT_INDEX_MODE``).
+    domain_backends: Mapping[str, str] = field(default_factory=dict)
+    #: ``STORE_FLAGS_FILE``: a JSON file of flag overrides, re-read when it changes.
+    flags_file: Optional[str] = None
 
     @property
     def admin_open(self) -> bool:
         return self.admin_token is None
 
+    def resolve_flags(self, overrides: Optional[Mapping[str, str]] = None) -> dict[str, DomainPlan]:
+        """The plans of the startup flag environment with ``overrides`` on top; raise ``FlagError``."""
+        return resolve_store_plans({**self.flag_env, **(overrides or {})}, self.store_backend,
+                                   self.domain_backends, self.redis_url)
+
     @property
     def max_agent_connections(self) -> int:
         """Each agent socket holds a worker thread: keep some threads free for HTTP requests."""
         return max(1, self.relay_threads - max(4, self.relay_threads // 16))
+
+
+def resolve_store_plans(flag_env: Mapping[str, str], store_backend: str, domain_backends: Mapping[str, str],
+                        redis_url: Optional[str]) -> dict[str, DomainPlan]:
+    """``resolve_plans`` with the legacy defaults ``load_settings`` derived; raise ``FlagError``."""
+    return resolve_plans(flag_env, default_backend=store_backend, domain_backends=dict(domain_backends) or None,
+                         redis_configured=bool(redis_url))
 
 
 def parse_allowlist(raw: str) -> frozenset[str]:
@@ -374,10 +391,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise ConfigError(_format_errors({
             "AGENT_IDLE_TIMEOUT_MS": f"must be greater than AGENT_PING_INTERVAL_MS ({values['agent_ping_interval_ms']})"}))
     flag_env = {k: v for k, v in raw.items() if k.startswith("STORE_")}
+    explicit_audit = {"audit": audit_backend} if values.get("audit_index_mode") else {}
     try:
-        explicit_audit = {"audit": audit_backend} if values.get("audit_index_mode") else None
-        plans = resolve_plans(flag_env, default_backend=backend, domain_backends=explicit_audit,
-                              redis_configured=bool(redis_url))
+        plans = resolve_store_plans(flag_env, backend, explicit_audit, redis_url)
     except FlagError as exc:
         raise ConfigError(_format_errors(exc.errors)) from None
     memory_domains = sorted(d for d, p in plans.items() if p.backend == "memory")
@@ -442,4 +458,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         log_level=values["log_level"],
         plans=plans,
         flag_env=flag_env,
+        domain_backends=explicit_audit,
+        flags_file=(values["store_flags_file"] or "").strip() or None,
     )

@@ -453,6 +453,10 @@ class RedisStore(Store):
         pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
         return self._run(lambda b: sorted(b.client.scan_iter(match=pattern, count=1000)), idempotent=True)
 
+    def memory_usage(self, key: str) -> Optional[int]:
+        """Bytes Redis attributes to ``key`` (``MEMORY USAGE``, nested values all counted); ``None`` if absent."""
+        return self._run(lambda b: b.client.memory_usage(key, samples=0), idempotent=True)
+
     # -- lifecycle -------------------------------------------------------------------------------
     def ping(self) -> bool:
         try:

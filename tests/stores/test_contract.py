@@ -1,7 +1,9 @@
 """The store contract: one suite, run unchanged against every backend.
 
 ``memory`` is MemoryStore on a fake clock; ``fakeredis`` is RedisStore over
-fakeredis; ``redis`` is RedisStore over the real redis-server from conftest.
+fakeredis; ``redis`` is RedisStore over the real redis-server from conftest;
+``routed-shadow`` and ``routed-redis-read`` are the migration's RoutedStore with
+memory, respectively Redis, authoritative and the other backend mirrored.
 Redis backends wait for short real TTLs; the memory backend moves its clock.
 """
 from __future__ import annotations
@@ -22,7 +24,10 @@ import marshmallow
 import pytest
 from marshmallow import fields
 
+from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
+from middleware.observer import NullObserver
+from middleware.routed_store import RoutedStore
 from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Store, StoreError, StoreUnavailable, ValueTooLarge
 from relay.stores.domain import Domain, DomainStore
 from relay.stores.envelope import EnvelopeSchema
@@ -49,7 +54,7 @@ class Backend:
     raw_keys: Callable[[], list[str]]
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis"])
+@pytest.fixture(params=["memory", "fakeredis", "redis", "routed-shadow", "routed-redis-read"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     made: list[Store] = []
 
@@ -66,6 +71,33 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         yield Backend(
             "memory", store, lambda **kw: MemoryStore(clock=clock, **kw), clock.advance, lambda: store.scan_keys("")
         )
+        return
+    if request.param.startswith("routed-"):
+        # The routed store of a migration phase over real MemoryStore and RedisStore backends:
+        # the guarantees must hold whichever backend is authoritative.
+        redis_server = request.getfixturevalue("redis_server")
+        phase = request.param.removeprefix("routed-")
+
+        def make(**kw: Any) -> Store:
+            backends = {"memory": MemoryStore(**kw),
+                        "redis": keep(RedisStore(redis_server.url, breaker=GuardedBreaker(), **kw))}
+            return RoutedStore("test", PRESETS[phase], backends, NullObserver(), sample=lambda: 1.0)
+
+        inspect = redis_server.client()
+        authority = PRESETS[phase].backend
+        store = make()
+
+        def raw_keys() -> list[str]:
+            if authority == "redis":
+                return sorted(inspect.keys("*"))
+            return store._backends["memory"].scan_keys("")  # type: ignore[attr-defined]
+
+        try:
+            yield Backend(request.param, store, make, sleep, raw_keys)
+        finally:
+            for made_store in made:
+                made_store.close()
+            inspect.close()
         return
     if request.param == "fakeredis":
         server = request.getfixturevalue("fake_redis_server")

@@ -1,0 +1,180 @@
+"""Request-scoped store routing.
+
+At the start of a request (or a WebSocket frame, or a sweep) the router takes
+one snapshot of the per-domain migration plans and binds, per domain, the
+routed store the domain modules use until the unit of work ends. Domain modules
+ask for their store through a provider (``router.provider("audit")``) and never
+see a flag or a backend class. Plans change at runtime with ``apply_plans``;
+units of work already running keep the snapshot they started with.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from config.phases import DomainPlan
+from middleware.observer import NullObserver, StoreObserver
+from middleware.routed_store import RoutedStore
+from middleware.shadow import ShadowComparer
+from middleware.writeback import Reconciler, WriteBackJournal
+from relay.stores.base import Store
+from relay.stores.domain import Domain, DomainStore, MissListener
+from relay.stores.keys import KeySpace
+
+log = logging.getLogger("relay.store")
+
+StoreProvider = Callable[[], DomainStore]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The stores one unit of work uses, fixed for its whole duration."""
+
+    stores: Mapping[str, DomainStore]
+    plans: Mapping[str, DomainPlan]
+    version: int
+
+    def store(self, domain: str) -> DomainStore:
+        return self.stores[domain]
+
+
+_current: contextvars.ContextVar[Optional[Binding]] = contextvars.ContextVar("store_binding", default=None)
+
+
+class StoreRouter:
+    """Chooses, per domain, how the backends serve it, and binds that choice per unit of work."""
+
+    def __init__(
+        self,
+        keys: KeySpace,
+        domains: Mapping[str, Domain],
+        backends: Mapping[str, Store],
+        plans: Mapping[str, DomainPlan],
+        observer: Optional[StoreObserver] = None,
+        on_miss: Optional[MissListener] = None,
+        shadow: Optional[ShadowComparer] = None,
+    ) -> None:
+        self._keys = keys
+        self._domains = dict(domains)
+        self._backends = dict(backends)
+        self._observer = observer or NullObserver()
+        self._on_miss = on_miss
+        self.shadow = shadow or ShadowComparer(self._observer)
+        self.journal = WriteBackJournal()
+        self.reconciler = Reconciler(self._backends, self.journal, self._observer, self.prefix_of)
+        self._lock = threading.Lock()
+        self._binding = self._build(plans, 0)
+
+    # -- building ---------------------------------------------------------------------------------
+    def prefix_of(self, domain: str) -> str:
+        spec = self._domains[domain]
+        return self._keys.prefix(spec.name, spec.colocated)
+
+    def _build(self, plans: Mapping[str, DomainPlan], version: int) -> Binding:
+        missing = set(self._domains) - set(plans)
+        if missing:
+            raise ValueError(f"no plan for domains {sorted(missing)}")
+        stores = {}
+        for name, domain in self._domains.items():
+            plan = plans[name]
+            needed = {plan.backend, plan.read_preference} | ({plan.secondary} if plan.secondary else set())
+            absent = needed - set(self._backends)
+            if absent:
+                raise ValueError(f"domain {name} needs backend(s) {sorted(absent)} which are not configured")
+            routed = RoutedStore(name, plan, self._backends, self._observer, self.shadow, self.journal)
+            stores[name] = DomainStore(routed, self._keys, domain, on_miss=self._on_miss)
+        return Binding(stores=stores, plans=dict(plans), version=version)
+
+    def start(self) -> None:
+        self.shadow.start()
+        self.reconciler.start()
+
+    # -- runtime changes --------------------------------------------------------------------------
+    def apply_plans(self, plans: Mapping[str, DomainPlan]) -> dict[str, tuple[DomainPlan, DomainPlan]]:
+        """Switch to new plans; return ``{domain: (old, new)}`` for the domains that changed.
+
+        A domain whose writes start reaching Redis is backfilled from memory; one whose
+        authority moves back to memory is warmed up from Redis. Redis data is never deleted.
+        """
+        with self._lock:
+            old = self._binding
+            new = self._build(plans, old.version + 1)
+            self._binding = new
+        changed = {d: (old.plans[d], new.plans[d]) for d in self._domains if old.plans[d] != new.plans[d]}
+        for domain, (before, after) in changed.items():
+            if "redis" in self._backends and _writes_redis(after) and (
+                    not _writes_redis(before) or (before.backend, after.backend) == ("memory", "redis")):
+                self.reconciler.schedule_copy(domain, "backfill")
+            elif "redis" in self._backends and (before.backend, after.backend) == ("redis", "memory"):
+                self.reconciler.schedule_copy(domain, "warmup")
+        return changed
+
+    @property
+    def plans(self) -> Mapping[str, DomainPlan]:
+        return self._binding.plans
+
+    @property
+    def backends(self) -> Mapping[str, Store]:
+        return self._backends
+
+    # -- binding ----------------------------------------------------------------------------------
+    def snapshot(self) -> Binding:
+        """The configuration in force now."""
+        return self._binding
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[Binding]:
+        """Bind one snapshot for the duration of a request, frame or sweep.
+
+        Nested scopes keep the outer snapshot, so a unit of work never mixes two.
+        """
+        existing = _current.get()
+        if existing is not None:
+            yield existing
+            return
+        binding = self.snapshot()
+        token = _current.set(binding)
+        try:
+            yield binding
+        finally:
+            _current.reset(token)
+
+    def store(self, domain: str) -> DomainStore:
+        """The bound store for ``domain``; outside any scope, the current snapshot's."""
+        binding = _current.get() or self.snapshot()
+        return binding.store(domain)
+
+    def provider(self, domain: str) -> StoreProvider:
+        if domain not in self._domains:
+            raise KeyError(domain)
+        return lambda: self.store(domain)
+
+    def describe(self) -> dict[str, Any]:
+        """Per-domain plan, copy progress, shadow counts and pending write-backs, for ``/ops/store``."""
+        pending = self.journal.pending()
+        out = {}
+        for domain, plan in self.plans.items():
+            progress = self.reconciler.progress.get(domain)
+            out[domain] = {
+                "flags": plan.as_flags(),
+                "copy": None if progress is None else progress.as_dict(),
+                "shadow": dict(self.shadow.counts.get(domain, {})),
+                "pendingWriteBack": pending.get(domain, 0),
+                "writeBackOverflow": self.journal.overflow.get(domain, 0),
+            }
+        return out
+
+    def close(self) -> None:
+        self.reconciler.stop()
+        self.shadow.stop()
+        for backend in self._backends.values():
+            backend.close()
+
+
+def _writes_redis(plan: DomainPlan) -> bool:
+    return plan.backend == "redis" or plan.secondary == "redis"

@@ -1,0 +1,117 @@
+"""In-process routing counters for ``GET /ops/store``, and a fan-out to several observers.
+
+``RoutingStats`` is a ``StoreObserver`` that counts, per domain, backend calls by
+outcome, fallbacks, secondary-write failures and skips, and write-backs. The counts
+are this process's own since it started (each gunicorn worker keeps its own);
+Prometheus (``relay/metrics.py``) is where totals across processes live.
+``FanoutObserver`` hands every report to each observer it wraps, so these counters
+and the metrics can watch the same routed stores.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver
+
+
+class _DomainCounts:
+    def __init__(self) -> None:
+        self.operations: dict[str, dict[str, int]] = {}
+        self.fallbacks = {"read": 0, "write": 0}
+        self.secondary_failures = 0
+        self.secondary_skipped = 0
+        self.writeback: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        def total(outcome: str) -> int:
+            return sum(outcomes.get(outcome, 0) for outcomes in self.operations.values())
+
+        return {
+            "operations": {backend: dict(outcomes) for backend, outcomes in self.operations.items()},
+            "ok": total(OK), "errors": total(ERROR), "timeouts": total(TIMEOUT), "rejected": total(REJECTED),
+            "fallbacks": dict(self.fallbacks),
+            "secondaryFailures": self.secondary_failures,
+            "secondarySkipped": self.secondary_skipped,
+            "writeBack": dict(self.writeback),
+        }
+
+
+class RoutingStats:
+    """Counts what the routed stores report, per domain, for this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._domains: dict[str, _DomainCounts] = {}
+
+    def _counts(self, domain: str) -> _DomainCounts:
+        counts = self._domains.get(domain)
+        if counts is None:
+            counts = self._domains[domain] = _DomainCounts()
+        return counts
+
+    # -- StoreObserver ----------------------------------------------------------------------------
+    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            outcomes = self._counts(domain).operations.setdefault(backend, {})
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def fallback(self, domain: str, op: str, kind: str) -> None:
+        with self._lock:
+            fallbacks = self._counts(domain).fallbacks
+            fallbacks[kind] = fallbacks.get(kind, 0) + 1
+
+    def secondary_failure(self, domain: str, op: str) -> None:
+        with self._lock:
+            self._counts(domain).secondary_failures += 1
+
+    def secondary_skipped(self, domain: str, op: str) -> None:
+        with self._lock:
+            self._counts(domain).secondary_skipped += 1
+
+    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
+        """Shadow results are counted by the ``ShadowComparer`` itself (``router.describe()``)."""
+
+    def writeback(self, domain: str, outcome: str) -> None:
+        with self._lock:
+            writeback = self._counts(domain).writeback
+            writeback[outcome] = writeback.get(outcome, 0) + 1
+
+    # -- reading ----------------------------------------------------------------------------------
+    def snapshot(self, domain: str) -> dict[str, Any]:
+        """The counts of one domain (zeros when nothing was reported yet)."""
+        with self._lock:
+            counts = self._domains.get(domain) or _DomainCounts()
+            return counts.as_dict()
+
+
+class FanoutObserver:
+    """Reports every event to each of ``observers`` in order."""
+
+    def __init__(self, observers: Sequence[StoreObserver]) -> None:
+        self.observers = tuple(observers)
+
+    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
+        for observer in self.observers:
+            observer.operation(domain, backend, op, outcome, seconds)
+
+    def fallback(self, domain: str, op: str, kind: str) -> None:
+        for observer in self.observers:
+            observer.fallback(domain, op, kind)
+
+    def secondary_failure(self, domain: str, op: str) -> None:
+        for observer in self.observers:
+            observer.secondary_failure(domain, op)
+
+    def secondary_skipped(self, domain: str, op: str) -> None:
+        for observer in self.observers:
+            observer.secondary_skipped(domain, op)
+
+    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
+        for observer in self.observers:
+            observer.shadow(domain, outcome, key, detail)
+
+    def writeback(self, domain: str, outcome: str) -> None:
+        for observer in self.observers:
+            observer.writeback(domain, outcome)

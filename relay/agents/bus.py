@@ -1,0 +1,323 @@
+"""Frames for agents held by other relay processes, through Redis pub/sub, with delivery confirmed.
+
+Every relay process (each gunicorn worker of each instance) holds its own agent sockets, and a
+machine's record names the process holding its socket (``holder``, that process's instance id).
+``AgentBus`` reaches a machine held elsewhere:
+
+* each process subscribes to its own channel, ``<app>:<env>:bus:<instance id>``;
+* ``deliver`` publishes ``{"type": "deliver", "id", "replyTo", "machineId", "frame", "waitMs"}`` to
+  the holder's channel. ``PUBLISH`` answers how many subscribers received it: none means the holder
+  is gone (stopped, killed, or cut off from Redis), and the delivery fails at once;
+* the holder sends the frame on its local socket and publishes ``{"type": "delivered", "id", "ok"}``
+  to ``replyTo``; the sender waits for that answer at most ``timeout_s``. No answer: not delivered,
+  and the caller records the command as ``machine_offline``;
+* ``forward`` publishes without ``id`` (traces): nobody answers, nobody waits.
+
+The holder sends the frames of one machine one at a time, in the order they arrived, on a small
+thread pool (a slow agent never blocks the listener or other machines). A request that waited in
+the holder's queue for more than half of its sender's wait is answered "not delivered" without being
+sent, so a command is not handed to an agent long after its sender gave up on it.
+
+The listener thread reconnects with a capped exponential backoff and never raises. While it is not
+subscribed, this process receives nothing (its senders see no subscriber) and its own deliveries to
+other processes fail at once (their answers could not reach it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from relay.agents.sessions import SessionRegistry
+from relay.stores.keys import KeySpace
+
+log = logging.getLogger("relay.bus")
+
+#: The key-space segment of the bus channels.
+CHANNEL_DOMAIN = "bus"
+#: Listener reconnect backoff, seconds (doubled per failure, with jitter, up to the cap).
+BACKOFF_START_S = 0.1
+BACKOFF_CAP_S = 5.0
+#: How long the listener blocks for one message before checking whether it should stop.
+POLL_S = 0.25
+
+
+class _Waiter:
+    """One delivery waiting for its holder's answer."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+
+    def resolve(self, ok: bool) -> None:
+        self.ok = ok
+        self.event.set()
+
+
+class _SerialQueues:
+    """Runs tasks on a pool, one at a time per key, in submission order."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._queues: dict[str, deque[Callable[[], None]]] = {}
+
+    def submit(self, key: str, task: Callable[[], None]) -> None:
+        with self._lock:
+            queue = self._queues.get(key)
+            if queue is not None:
+                queue.append(task)
+                return
+            self._queues[key] = deque([task])
+        self._pool.submit(self._drain, key)
+
+    def _drain(self, key: str) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues[key]
+                if not queue:
+                    del self._queues[key]
+                    return
+                task = queue.popleft()
+            try:
+                task()
+            except Exception as exc:  # noqa: BLE001 - one failed frame must not stop the machine's queue
+                log.error("bus delivery task failed: %s", type(exc).__name__, extra={"event": "bus_task_failed"})
+
+
+class AgentBus:
+    """Delivery to machines whose socket another relay process holds (see the module docstring)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        keys: KeySpace,
+        instance_id: str,
+        sessions: SessionRegistry,
+        *,
+        timeout_s: float = 1.5,
+        socket_timeout_s: float = 1.0,
+        connect_timeout_s: float = 0.5,
+        workers: int = 8,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        self.instance_id = instance_id
+        self.timeout_s = timeout_s
+        self._url = redis_url
+        self._keys = keys
+        self._sessions = sessions
+        self._socket_timeout_s = socket_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._workers = workers
+        self.channel = self.channel_of(instance_id)
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Waiter] = {}
+        self._subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._publisher: Optional[redis.Redis] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._queues: Optional[_SerialQueues] = None
+
+    # -- addressing -------------------------------------------------------------------------------
+    def channel_of(self, instance_id: str) -> str:
+        """The pub/sub channel a process listens on."""
+        return self._keys.key(CHANNEL_DOMAIN, instance_id)
+
+    @property
+    def connected(self) -> bool:
+        """The listener is subscribed: this process can receive frames and answers."""
+        return self._subscribed.is_set()
+
+    def reaches(self, holder: Optional[str]) -> bool:
+        """``holder`` is another process, and the bus is up to try delivering to it."""
+        return bool(holder) and holder != self.instance_id and self.connected
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the listener (in the process that serves, i.e. after gunicorn forked the worker)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._publisher = self._client(listener=False)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bus-deliver")
+        self._queues = _SerialQueues(self._pool)
+        self._thread = threading.Thread(target=self._listen, name="agent-bus", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Unsubscribe, fail the deliveries still waiting, and release the connections."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=POLL_S * 4 + self._socket_timeout_s)
+        self._fail_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until the listener is subscribed; ``False`` after ``timeout_s``."""
+        return self._subscribed.wait(timeout_s)
+
+    # -- sending ----------------------------------------------------------------------------------
+    def deliver(self, holder: str, machine_id: str, frame: dict[str, Any]) -> bool:
+        """Have ``holder`` send ``frame`` on its socket for ``machine_id``; ``True`` once it confirms.
+
+        ``False`` when the bus is down, the holder is gone or does not hold the machine any more,
+        its send failed, or no answer came within ``timeout_s``.
+        """
+        if not self.reaches(holder):
+            return False
+        request_id = uuid.uuid4().hex
+        waiter = _Waiter()
+        with self._lock:
+            self._pending[request_id] = waiter
+        try:
+            receivers = self._publish(holder, {
+                "type": "deliver", "id": request_id, "replyTo": self.instance_id, "machineId": machine_id,
+                "frame": frame, "waitMs": int(self.timeout_s * 1000)})
+            if receivers == 0:
+                log.info("bus holder %s is gone (machine %s)", holder, machine_id,
+                         extra={"event": "bus_holder_gone", "holder": holder, "machine_id": machine_id})
+                return False
+            if not waiter.event.wait(self.timeout_s):
+                log.warning("bus holder %s did not answer within %.1f s (machine %s)", holder, self.timeout_s,
+                            machine_id, extra={"event": "bus_delivery_timeout", "holder": holder,
+                                               "machine_id": machine_id})
+                return False
+            return waiter.ok
+        except redis.RedisError as exc:
+            log.warning("bus publish failed: %s", type(exc).__name__, extra={"event": "bus_publish_failed"})
+            return False
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+
+    def forward(self, holder: str, machine_id: str, frame: dict[str, Any]) -> None:
+        """Send ``frame`` through ``holder`` without waiting or confirmation (traces)."""
+        if not self.reaches(holder):
+            return
+        try:
+            self._publish(holder, {"type": "deliver", "machineId": machine_id, "frame": frame})
+        except redis.RedisError as exc:
+            log.info("bus forward failed: %s", type(exc).__name__, extra={"event": "bus_publish_failed"})
+
+    def live_instances(self, instance_ids: Iterable[str]) -> set[str]:
+        """Those of ``instance_ids`` whose listener is subscribed now; raises ``redis.RedisError``."""
+        ids = sorted(set(instance_ids))
+        if not ids or self._publisher is None:
+            return set()
+        counts = dict(self._publisher.pubsub_numsub(*(self.channel_of(i) for i in ids)))
+        return {i for i in ids if int(counts.get(self.channel_of(i), 0)) > 0}
+
+    def _publish(self, instance_id: str, message: dict[str, Any]) -> int:
+        publisher = self._publisher
+        if publisher is None:
+            raise redis.ConnectionError("the bus is not started")
+        text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        return int(publisher.publish(self.channel_of(instance_id), text))
+
+    # -- receiving --------------------------------------------------------------------------------
+    def _listen(self) -> None:
+        backoff = BACKOFF_START_S
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client(listener=True).pubsub()
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=POLL_S)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
+                        backoff = BACKOFF_START_S
+                        log.info("bus listening on %s", self.channel, extra={"event": "bus_subscribed"})
+                    elif message["type"] == "message":
+                        self._on_message(message["data"])
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive any Redis failure
+                if not self._stop.is_set():
+                    log.warning("bus listener lost Redis (%s); reconnecting in %.1f s", type(exc).__name__,
+                                backoff, extra={"event": "bus_disconnected", "error": type(exc).__name__})
+            finally:
+                self._subscribed.clear()
+                self._fail_pending()
+                if pubsub is not None:
+                    _close_quietly(pubsub)
+            if self._stop.wait(backoff * random.uniform(0.5, 1.0)):
+                break
+            backoff = min(backoff * 2, BACKOFF_CAP_S)
+
+    def _on_message(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+            kind = message["type"]
+        except (ValueError, TypeError, KeyError):
+            log.warning("unreadable bus message ignored", extra={"event": "bus_message_invalid"})
+            return
+        if kind == "delivered":
+            with self._lock:
+                waiter = self._pending.get(str(message.get("id")))
+            if waiter is not None:
+                waiter.resolve(message.get("ok") is True)
+        elif kind == "deliver" and isinstance(message.get("machineId"), str) and isinstance(
+                message.get("frame"), dict) and self._queues is not None:
+            received = time.monotonic()
+            self._queues.submit(message["machineId"], lambda: self._send_locally(message, received))
+
+    def _send_locally(self, message: dict[str, Any], received: float) -> None:
+        """Send a requested frame on this process's socket and answer the sender if it waits."""
+        request_id, reply_to = message.get("id"), message.get("replyTo")
+        wait_ms = message.get("waitMs")
+        late = isinstance(wait_ms, int) and (time.monotonic() - received) * 1000 > wait_ms / 2
+        session = self._sessions.get(message["machineId"])
+        ok = not late and session is not None and session.send_json(message["frame"])
+        if request_id and isinstance(reply_to, str):
+            try:
+                self._publish(reply_to, {"type": "delivered", "id": request_id, "ok": ok})
+            except redis.RedisError as exc:
+                log.warning("bus answer failed: %s", type(exc).__name__, extra={"event": "bus_publish_failed"})
+
+    def _fail_pending(self) -> None:
+        with self._lock:
+            waiters = list(self._pending.values())
+        for waiter in waiters:
+            waiter.resolve(False)
+
+    def _client(self, *, listener: bool) -> redis.Redis:
+        """A client of its own, never the store's pool. The listener's connection mostly waits (its
+        reads are bounded by ``POLL_S``) and pings Redis every 10 s, so a dead server is noticed."""
+        return redis.Redis.from_url(
+            self._url,
+            socket_timeout=self._socket_timeout_s * (5 if listener else 1),
+            socket_connect_timeout=self._connect_timeout_s,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+            health_check_interval=10 if listener else 0,
+        )
+
+
+def _close_quietly(pubsub: Any) -> None:
+    try:
+        pubsub.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail again
+        pass

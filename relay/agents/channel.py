@@ -1,0 +1,320 @@
+"""The agent WebSocket route (``/agent``) and its per-connection loop.
+
+The route builds the simple-websocket ``Server`` itself rather than through ``flask_sock.Sock.route``:
+that wrapper constructs the server before any code of ours runs, so it could neither answer a plain
+or malformed request with the reference's responses, nor hand simple-websocket the tracked socket
+(locked whole-frame writes, send timeout, activity stamps), nor refuse permessage-deflate (the
+reference runs without it, and each compressing socket would keep its own zlib state). The
+hand-over to gunicorn after the socket ends is the one flask-sock uses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from flask import Flask, Response, request
+from simple_websocket import ConnectionClosed, Server
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import ProtocolError
+
+from relay.agents.protocol import AgentConnection, AgentEventHandler
+from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
+
+log = logging.getLogger("relay.agents")
+
+AGENT_PATH = "/agent"
+#: Extension key under which the channel is stored on the Flask app (see config/gunicorn.py).
+EXTENSION_KEY = "relay.agent_channel"
+
+FrameScope = Callable[[], AbstractContextManager[Any]]
+
+_ALL_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    ping_interval_s: float
+    idle_timeout_s: float
+    max_message_bytes: int
+    #: Bound on one blocking write to an agent that does not read.
+    send_timeout_s: float = 10.0
+    #: How long a closing socket waits for the agent's close frame before it is cut.
+    close_grace_s: float = 2.0
+    #: Open agent sockets allowed in this process (each holds a worker thread); ``None``: no limit.
+    max_connections: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.ping_interval_s <= 0:
+            raise ValueError("ping_interval_s must be > 0")
+        if self.idle_timeout_s <= self.ping_interval_s:
+            raise ValueError("idle_timeout_s must be greater than ping_interval_s")
+        if self.max_message_bytes <= 0:
+            raise ValueError("max_message_bytes must be > 0")
+        if self.send_timeout_s <= 0 or self.close_grace_s < 0:
+            raise ValueError("send_timeout_s must be > 0 and close_grace_s >= 0")
+        if self.max_connections is not None and self.max_connections <= 0:
+            raise ValueError("max_connections must be > 0")
+
+
+class AgentChannel:
+    """Accepts agent sockets and feeds their frames to the ``AgentEventHandler``."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        handler: AgentEventHandler,
+        frame_scope: FrameScope,
+        settings: ChannelSettings,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._handler = handler
+        self._frame_scope = frame_scope
+        self._lock = threading.Lock()
+        self._open: set[AgentSession] = set()
+        self._reserved = 0
+        self._stopping = False
+        self._routes: dict[str, Callable[[AgentConnection, dict[str, Any]], None]] = {
+            "agent.hello": handler.on_hello,
+            "agent.heartbeat": handler.on_heartbeat,
+            "agent.result": handler.on_result,
+        }
+
+    def open_count(self) -> int:
+        """Sockets open in this process, with or without a hello."""
+        with self._lock:
+            return len(self._open)
+
+    def close_all(self, reason: str) -> None:
+        """Close every open socket with 1001 (going away), and any opened later, when the worker stops."""
+        with self._lock:
+            self._stopping = True
+            sessions = list(self._open)
+        for session in sessions:
+            session.close(reason, CloseReason.GOING_AWAY)
+
+    def endpoint(self) -> Response:
+        """The Flask view for ``/agent`` (every method)."""
+        environ = request.environ
+        target = _raw_target(environ)
+        if request.method != "GET" or target != AGENT_PATH or not _asks_for_websocket(environ):
+            return _fastify_error(404, f"Route {request.method}:{target} not found")
+        if not self._reserve():
+            return _fastify_error(503, "Too many agent connections")
+        try:
+            server, tracked = self._accept(environ)
+        except (ProtocolError, RuntimeError) as exc:
+            self._unreserve()
+            log.info("agent handshake refused: %s", type(exc).__name__)
+            return _fastify_error(400, "Invalid WebSocket handshake")
+        except OSError as exc:
+            self._unreserve()
+            log.info("agent handshake failed: %s", type(exc).__name__)
+            return _UpgradedResponse("gunicorn" if "gunicorn.socket" in environ else "werkzeug")
+        session = AgentSession(server, tracked, remote_addr=environ.get("REMOTE_ADDR"))
+        with self._lock:
+            self._reserved -= 1
+            self._open.add(session)
+            stopping = self._stopping
+        if stopping:
+            session.close("relay shutting down", CloseReason.GOING_AWAY)
+        try:
+            self._serve(session)
+        except Exception as exc:  # noqa: BLE001 - the socket is no HTTP connection any more
+            log.error("agent socket loop failed: %s at %s (session %s)", type(exc).__name__,
+                      _raise_site(exc), session.session_id, extra=_ids(session))
+        finally:
+            with self._lock:
+                self._open.discard(session)
+        return _UpgradedResponse(server.mode)
+
+    def _reserve(self) -> bool:
+        with self._lock:
+            limit = self.settings.max_connections
+            if limit is not None and len(self._open) + self._reserved >= limit:
+                return False
+            self._reserved += 1
+            return True
+
+    def _unreserve(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+
+    def _accept(self, environ: dict[str, Any]) -> tuple[Server, TrackedSocket]:
+        """Complete the handshake on a copy of the environ: tracked socket in, deflate offer out."""
+        ws_environ = dict(environ)
+        ws_environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        key = "werkzeug.socket" if "werkzeug.socket" in environ else "gunicorn.socket"
+        raw = environ.get(key)
+        if raw is None:
+            raise RuntimeError("the WSGI server does not expose the client socket")
+        tracked = TrackedSocket(raw, send_timeout_s=self.settings.send_timeout_s)
+        ws_environ[key] = tracked
+        server = Server(ws_environ, max_message_size=self.settings.max_message_bytes)
+        return server, tracked
+
+    def _serve(self, session: AgentSession) -> None:
+        """Handle frames in order until the socket closes; ping, and close a silent peer."""
+        settings = self.settings
+        log.info("agent socket opened: session %s from %s", session.session_id,
+                 session.remote_addr, extra={"session_id": session.session_id})
+        next_ping = time.monotonic() + settings.ping_interval_s
+        grace = settings.close_grace_s
+        try:
+            while True:
+                deadline = min(next_ping, session.last_activity + settings.idle_timeout_s)
+                message = session.receive(timeout=max(0.0, deadline - time.monotonic()))
+                if session.closed_by_relay:
+                    break
+                now = time.monotonic()
+                if message is not None:
+                    self._dispatch(session, message)
+                elif now - session.last_activity >= settings.idle_timeout_s:
+                    log.info("agent socket idle for %.1f s, closing: session %s machine %s",
+                             now - session.last_activity, session.session_id, session.machine_id,
+                             extra=_ids(session))
+                    session.close("idle timeout", CloseReason.POLICY_VIOLATION)
+                    grace = 0.0
+                    break
+                if now >= next_ping:
+                    session.ping()
+                    next_ping = now + settings.ping_interval_s
+        except ConnectionClosed:
+            pass
+        finally:
+            session.close()
+            self._call(self._handler.on_disconnect, session)
+            session.release(grace)
+            log.info("agent socket closed: session %s machine %s", session.session_id,
+                     session.machine_id, extra=_ids(session))
+
+    def _dispatch(self, session: AgentSession, message: Message) -> None:
+        frame = _parse_frame(message)
+        if frame is None:
+            log.warning("invalid ws payload: session %s machine %s", session.session_id,
+                        session.machine_id, extra=_ids(session))
+            return
+        kind = frame.get("type")
+        route = self._routes.get(kind) if isinstance(kind, str) else None
+        if route is not None:
+            self._call(route, session, frame)
+
+    def _call(self, method: Callable[..., None], *args: Any) -> None:
+        """Run one handler call inside its own frame scope; log and drop what it raises."""
+        try:
+            with self._frame_scope():
+                method(*args)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the socket
+            session = args[0]
+            name = getattr(method, "__name__", "handler")
+            log.error("agent frame handler failed: %s raised %s at %s (session %s machine %s)",
+                      name, type(exc).__name__, _raise_site(exc), session.session_id,
+                      session.machine_id, extra=_ids(session))
+
+
+def register_agent_channel(
+    app: Flask,
+    registry: SessionRegistry,
+    handler: AgentEventHandler,
+    *,
+    frame_scope: FrameScope,
+    ping_interval_s: float,
+    max_message_bytes: int,
+    idle_timeout_s: float,
+    send_timeout_s: float = 10.0,
+    close_grace_s: float = 2.0,
+    max_connections: Optional[int] = None,
+) -> AgentChannel:
+    """Add the ``/agent`` route to ``app`` and return its channel (also in
+    ``app.extensions["relay.agent_channel"]``)."""
+    settings = ChannelSettings(
+        ping_interval_s=ping_interval_s,
+        idle_timeout_s=idle_timeout_s,
+        max_message_bytes=max_message_bytes,
+        send_timeout_s=send_timeout_s,
+        close_grace_s=close_grace_s,
+        max_connections=max_connections,
+    )
+    channel = AgentChannel(registry, handler, frame_scope, settings)
+    # Werkzeug routes upgrade requests only to rules marked ``websocket``: one rule for them, one
+    # for every plain method (answered with the reference's 404).
+    app.add_url_rule(AGENT_PATH, endpoint="agent_channel", view_func=channel.endpoint,
+                     methods=["GET"], websocket=True)
+    app.add_url_rule(AGENT_PATH, endpoint="agent_channel_http", view_func=channel.endpoint,
+                     methods=_ALL_METHODS, provide_automatic_options=False)
+    app.extensions[EXTENSION_KEY] = channel
+    return channel
+
+
+class _UpgradedResponse(Response):
+    """Returned once the socket has ended: tells the WSGI server the connection is not HTTP any more."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self._mode = mode
+
+    def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        if self._mode == "gunicorn":
+            # gunicorn's workers treat StopIteration as "close the connection, write nothing".
+            raise StopIteration()
+        if self._mode == "werkzeug":
+            return super().__call__(environ, start_response)
+        return []
+
+
+def _ids(session: AgentSession) -> dict[str, Any]:
+    return {"session_id": session.session_id, "machine_id": session.machine_id}
+
+
+def _raw_target(environ: dict[str, Any]) -> str:
+    """The request target as sent (path and query), as Fastify matches and reports it."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    query = environ.get("QUERY_STRING", "")
+    path = environ.get("PATH_INFO", "")
+    return f"{path}?{query}" if query else path
+
+
+def _asks_for_websocket(environ: dict[str, Any]) -> bool:
+    return "websocket" in environ.get("HTTP_UPGRADE", "").lower()
+
+
+def _fastify_error(status: int, message: str) -> Response:
+    names = {400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+    body = {"message": message, "error": names[status], "statusCode": status}
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        status=status,
+        content_type="application/json; charset=utf-8",
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_frame(message: Message) -> Optional[dict[str, Any]]:
+    """A JSON object, or ``None``. Binary frames are read as UTF-8 like Node's ``Buffer.toString()``."""
+    text = message.decode("utf-8", errors="replace") if isinstance(message, bytes) else message
+    try:
+        frame = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+def _raise_site(exc: BaseException) -> str:
+    """Where ``exc`` was raised (file:line function), without its message, which may quote the frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} {last.name}"

@@ -1,0 +1,299 @@
+"""Agent sockets (``AgentSession``) and the process-local map machineId → socket (``SessionRegistry``).
+
+A session wraps one simple-websocket ``Server``. Its raw socket is replaced by a ``TrackedSocket``
+before the server is built, so that every write (frames sent by any thread, pings, and the pongs and
+close replies of simple-websocket's reader thread) happens whole under one lock per socket with a
+send timeout, every read stamps the socket's activity for the idle check, and the reader stops
+reading while the handler thread is behind (TCP then slows the agent down).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+from simple_websocket import ConnectionClosed, Server
+from wsproto.events import Ping
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
+
+from relay.agents.protocol import AgentConnection
+
+log = logging.getLogger("relay.agents")
+
+#: Frames received but not yet handled; beyond this the reader stops reading from the socket.
+MAX_BUFFERED_FRAMES = 32
+#: RFC 6455: the reason in a close frame is at most 123 bytes of UTF-8.
+_MAX_CLOSE_REASON_BYTES = 123
+
+Message = Union[str, bytes]
+
+
+class TrackedSocket:
+    """The client socket as simple-websocket uses it (``send``, ``recv``, ``close``, ``fileno``)."""
+
+    def __init__(self, sock: socket.socket, *, send_timeout_s: Optional[float]) -> None:
+        self._sock = sock
+        #: Held for every write, so frames from several threads never interleave.
+        self.lock = threading.RLock()
+        #: ``time.monotonic()`` / ``time.time()`` of the last bytes received.
+        self.last_activity = time.monotonic()
+        self.last_seen = time.time()
+        self._room = threading.Condition()
+        self._backlog: Callable[[], int] = lambda: 0
+        self._stopping = False
+        if send_timeout_s:
+            seconds = int(send_timeout_s)
+            micros = int((send_timeout_s - seconds) * 1_000_000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
+
+    def limit_backlog(self, backlog: Callable[[], int]) -> None:
+        """Pause reading while ``backlog()`` (frames waiting for the handler) is at the limit."""
+        self._backlog = backlog
+
+    def consumed(self) -> None:
+        """The handler thread took a frame: wake the reader if it was paused."""
+        with self._room:
+            self._room.notify_all()
+
+    def send(self, data: bytes) -> int:
+        """Write all of ``data`` or raise ``OSError`` (including the send timeout)."""
+        with self.lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def recv(self, bufsize: int) -> bytes:
+        with self._room:
+            self._room.wait_for(lambda: self._stopping or self._backlog() < MAX_BUFFERED_FRAMES)
+        data = self._sock.recv(bufsize)
+        if data:
+            self.last_activity = time.monotonic()
+            self.last_seen = time.time()
+        return data
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def shutdown(self) -> None:
+        """Cut both directions: a reader blocked in ``recv`` returns at once."""
+        self._stop_waiting()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Called by simple-websocket's reader thread when it ends. Only shuts the socket down:
+        the WSGI server closes the descriptor itself after the view returns (gunicorn's gthread
+        worker counts a connection twice as closed if the socket is already closed by then)."""
+        self.shutdown()
+
+    def _stop_waiting(self) -> None:
+        with self._room:
+            self._stopping = True
+            self._room.notify_all()
+
+
+class AgentSession:
+    """One agent WebSocket (implements ``AgentConnection``)."""
+
+    def __init__(self, server: Server, sock: TrackedSocket, *, remote_addr: Optional[str] = None) -> None:
+        self.session_id: str = str(uuid.uuid4())
+        #: Set by ``SessionRegistry.attach`` (the first hello).
+        self.machine_id: Optional[str] = None
+        #: Epoch seconds.
+        self.connected_at: float = time.time()
+        self.remote_addr = remote_addr
+        self._server = server
+        self._sock = sock
+        self._closed = False
+        sock.limit_backlog(lambda: len(server.input_buffer))
+
+    def __repr__(self) -> str:
+        return f"AgentSession({self.session_id}, machine={self.machine_id!r}, closed={self.closed})"
+
+    @property
+    def last_seen(self) -> float:
+        """Epoch seconds of the last bytes received (frames, pongs)."""
+        return self._sock.last_seen
+
+    @property
+    def last_activity(self) -> float:
+        """``time.monotonic()`` of the last bytes received."""
+        return self._sock.last_activity
+
+    @property
+    def closed(self) -> bool:
+        """Closed by either side (or closing): nothing more can be sent."""
+        return self._closed or not self._server.connected
+
+    @property
+    def closed_by_relay(self) -> bool:
+        """``close`` or ``abort`` was called: frames still buffered are not handled."""
+        return self._closed
+
+    def send_json(self, frame: dict[str, Any]) -> bool:
+        """Send ``frame`` as one JSON text frame; ``False`` if the socket is closed/closing or the
+        write failed (a failed write aborts the socket: the stream may hold half a frame)."""
+        text = _to_json(frame)
+        with self._sock.lock:
+            if self.closed:
+                return False
+            try:
+                self._server.send(text)
+                return True
+            except (ConnectionClosed, LocalProtocolError):
+                return False
+            except OSError as exc:
+                error_name = type(exc).__name__
+        log.warning("agent send failed: %s (session %s machine %s)", error_name,
+                    self.session_id, self.machine_id,
+                    extra={"session_id": self.session_id, "machine_id": self.machine_id})
+        self.abort()
+        return False
+
+    def ping(self) -> bool:
+        with self._sock.lock:
+            if self.closed:
+                return False
+            try:
+                self._sock.send(self._server.ws.send(Ping()))
+                return True
+            except LocalProtocolError:
+                return False
+            except OSError:
+                pass
+        self.abort()
+        return False
+
+    def receive(self, timeout: float) -> Optional[Message]:
+        """The next frame (``str`` or ``bytes``), or ``None`` after ``timeout`` seconds.
+
+        Raises ``simple_websocket.ConnectionClosed`` once the socket is closed and drained.
+        """
+        message: Optional[Message] = self._server.receive(timeout=timeout)
+        if message is not None:
+            self._sock.consumed()
+        return message
+
+    def close(self, reason: str = "", code: int = CloseReason.NORMAL_CLOSURE) -> None:
+        """Send a close frame (idempotent). The reader thread ends when the peer answers, or when
+        ``release`` cuts the socket."""
+        with self._sock.lock:
+            if self._closed:
+                return
+            self._closed = True
+            sent = False
+            if self._server.connected:
+                try:
+                    self._server.close(reason=code, message=_clip_reason(reason))
+                    sent = True
+                except (ConnectionClosed, LocalProtocolError, OSError):
+                    pass
+            self._server.connected = False
+        if not sent:
+            self._sock.shutdown()
+        self._server.event.set()
+
+    def abort(self) -> None:
+        """Close without a close frame (the write side is broken or stuck)."""
+        with self._sock.lock:
+            self._closed = True
+            self._server.connected = False
+        self._sock.shutdown()
+        self._server.event.set()
+
+    def release(self, grace_s: float) -> None:
+        """After close: give the peer ``grace_s`` to answer the close frame, then cut the socket
+        so simple-websocket's reader thread ends even when the peer is gone."""
+        reader: threading.Thread = self._server.thread
+        reader.join(grace_s)
+        if reader.is_alive():
+            self._sock.shutdown()
+            reader.join(1.0)
+
+
+def _to_json(frame: dict[str, Any]) -> str:
+    """Compact JSON with non-ASCII kept, like ``JSON.stringify``. Lone surrogates (an agent may send
+    ``"\\ud800"``, and traces echo agent text) cannot be UTF-8 encoded, so such a frame is escaped."""
+    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(frame, separators=(",", ":"))
+    return text
+
+
+def _clip_reason(reason: str) -> Optional[str]:
+    data = reason.encode("utf-8")[:_MAX_CLOSE_REASON_BYTES]
+    return data.decode("utf-8", errors="ignore") or None
+
+
+class SessionRegistry:
+    """Process-local machineId → session map. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_machine: dict[str, AgentConnection] = {}
+
+    def attach(self, machine_id: str, session: AgentConnection) -> Optional[AgentConnection]:
+        """Register ``session`` for ``machine_id`` (a hello) and return the session it replaced.
+
+        The replaced session is closed: the newest hello wins and the older socket does not linger.
+        A session that said hello before under another id is first removed from that id. A session
+        that is already closed is not registered (``None`` is returned).
+        """
+        if getattr(session, "closed", False):
+            return None
+        with self._lock:
+            previous_id = session.machine_id
+            if (
+                previous_id is not None
+                and previous_id != machine_id
+                and self._by_machine.get(previous_id) is session
+            ):
+                del self._by_machine[previous_id]
+            replaced = self._by_machine.get(machine_id)
+            if replaced is session:
+                replaced = None
+            self._by_machine[machine_id] = session
+            session.machine_id = machine_id
+        if replaced is not None:
+            replaced.close("replaced by a newer connection")
+        return replaced
+
+    def detach(self, machine_id: str, session_id: str) -> bool:
+        """Remove ``machine_id`` only if it is still held by ``session_id``."""
+        with self._lock:
+            current = self._by_machine.get(machine_id)
+            if current is None or current.session_id != session_id:
+                return False
+            del self._by_machine[machine_id]
+            return True
+
+    def get(self, machine_id: str) -> Optional[AgentConnection]:
+        with self._lock:
+            return self._by_machine.get(machine_id)
+
+    def send(self, machine_id: str, frame: dict[str, Any]) -> bool:
+        """Send to the machine's socket; ``False`` if there is none or the send failed."""
+        session = self.get(machine_id)
+        return session is not None and session.send_json(frame)
+
+    def machine_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._by_machine)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._by_machine)
+
+    def sessions(self) -> list[AgentConnection]:
+        with self._lock:
+            return list(self._by_machine.values())

@@ -1,0 +1,178 @@
+"""The audit index: one record per command with its events, newest first.
+
+Each record is updated with compare-and-set, so concurrent events for one
+command (a result racing the dispatch, two instances) are never lost or applied
+twice (reference §13 items 8, 9, 13). Rules that differ from the reference on purpose:
+
+* an event already present in the record (same timestamp, status and fields) is
+  not appended again, which makes replaying the JSONL log idempotent;
+* the record status never goes backwards: once an ``agent_*`` result is recorded,
+  progress events (``sent_to_agent``, ``cancel_sent``, ``result_push_*`` ...) are
+  appended but do not replace it (reference §13 item 12); ``updatedAt`` never
+  moves back in time;
+* a record keeps at most ``max_events`` events: the first (``created``) and the newest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import marshmallow
+from marshmallow import fields
+
+from middleware.routing import StoreProvider
+from relay.stores.domain import Domain
+from relay.stores.envelope import EnvelopeSchema, parse_iso_ms
+
+INDEX = "updated"
+PAGE = 200
+
+
+class EventSchema(marshmallow.Schema):
+    commandId = fields.String(required=True)
+    timestamp = fields.String(required=True)
+    status = fields.String(required=True)
+    userId = fields.String()
+    machineId = fields.String()
+    kind = fields.String()
+    summary = fields.String()
+    metadata = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class RecordSchema(marshmallow.Schema):
+    commandId = fields.String(required=True)
+    userId = fields.String()
+    machineId = fields.String()
+    kind = fields.String()
+    createdAt = fields.String(required=True)
+    updatedAt = fields.String(required=True)
+    status = fields.String(required=True)
+    summary = fields.String()
+    events = fields.List(fields.Nested(EventSchema), required=True)
+
+
+DOMAIN = Domain("audit", EnvelopeSchema(1, RecordSchema()), colocated=True)
+
+RECORD_KEYS = ("commandId", "userId", "machineId", "kind", "createdAt", "updatedAt", "status", "summary", "events")
+
+
+def status_rank(status: str) -> int:
+    """Higher ranks are not replaced by lower ones as the record's status."""
+    if status.startswith("agent_"):
+        return 2
+    if status == "inflight_timeout":
+        return 1
+    return 0
+
+
+def apply_event(record: Optional[dict[str, Any]], event: dict[str, Any], max_events: int) -> Optional[dict[str, Any]]:
+    """The record after ``event``; ``None`` when the event is already in it."""
+    if record is None:
+        record = {"commandId": event["commandId"], "createdAt": event["timestamp"],
+                  "updatedAt": event["timestamp"], "status": event["status"], "events": []}
+    elif event in record["events"]:
+        return None
+    else:
+        record = dict(record)
+        if status_rank(event["status"]) >= status_rank(record["status"]):
+            record["status"] = event["status"]
+        if event["timestamp"] > record["updatedAt"]:
+            record["updatedAt"] = event["timestamp"]
+    for name in ("userId", "machineId", "kind", "summary"):
+        if event.get(name):
+            record[name] = event[name]
+    events = record["events"] + [event]
+    if len(events) > max_events:
+        events = events[:1] + events[len(events) - max_events + 1:]
+    record["events"] = events
+    return {k: record[k] for k in RECORD_KEYS if k in record}
+
+
+def _score(record: dict[str, Any]) -> float:
+    try:
+        return float(parse_iso_ms(record["updatedAt"]))
+    except ValueError:
+        return 0.0
+
+
+class AuditIndex:
+    def __init__(self, store: StoreProvider, max_records: int, max_events: int = 200) -> None:
+        self._store = store
+        self.max_records = max_records
+        self.max_events = max_events
+
+    def apply(self, event: dict[str, Any]) -> bool:
+        """Add ``event`` to its command's record; ``False`` when it was already there."""
+        store = self._store()
+        command_id = event["commandId"]
+        applied: list[dict[str, Any]] = []
+
+        def change(current: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+            applied.clear()
+            new = apply_event(current, event, self.max_events)
+            if new is not None:
+                applied.append(new)
+            return new
+
+        store.update(command_id, change)
+        if not applied:
+            return False
+        store.index_add(INDEX, {command_id: _score(applied[0])})
+        dropped = store.index_trim(INDEX, self.max_records)
+        if dropped:
+            store.delete(*dropped)
+        return True
+
+    def get(self, command_id: str) -> Optional[dict[str, Any]]:
+        return self._store().get(command_id)
+
+    def _newest(self) -> Iterator[dict[str, Any]]:
+        """Records newest first, fetched a page at a time."""
+        store = self._store()
+        max_score: Optional[float] = None
+        seen: set[str] = set()
+        while True:
+            page = store.index_range(INDEX, limit=PAGE, newest_first=True, max_score=max_score)
+            fresh = [(m, s) for m, s in page if m not in seen]
+            if not fresh:
+                return
+            ids = [m for m, _ in fresh]
+            seen.update(ids)
+            records = store.mget(ids)
+            gone = [i for i, r in zip(ids, records) if r is None]
+            if gone:
+                store.index_remove(INDEX, gone)
+            yield from (r for r in records if r is not None)
+            if len(page) < PAGE:
+                return
+            max_score = page[-1][1]
+
+    def list_recent(
+        self,
+        limit: int,
+        user_id: Optional[str] = None,
+        machine_id: Optional[str] = None,
+        status: Optional[str] = None,
+    ) -> list[dict[str, Any]]:
+        limit = max(1, limit)
+        out = []
+        for record in self._newest():
+            if user_id and record.get("userId") != user_id:
+                continue
+            if machine_id and record.get("machineId") != machine_id:
+                continue
+            if status and record.get("status") != status:
+                continue
+            out.append(record)
+            if len(out) >= limit:
+                break
+        return out
+
+    def count(self) -> int:
+        return self._store().index_count(INDEX)
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self._newest():
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts

@@ -1,0 +1,67 @@
+"""Commands sent to an agent and not yet answered."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import marshmallow
+from marshmallow import fields
+
+from middleware.routing import StoreProvider
+from relay.stores.domain import Domain
+from relay.stores.envelope import EnvelopeSchema
+
+INDEX = "created"
+
+
+class InflightSchema(marshmallow.Schema):
+    commandId = fields.String(required=True)
+    userId = fields.String(required=True)
+    machineId = fields.String(required=True)
+    kind = fields.String(required=True)
+    createdAtMs = fields.Integer(required=True)
+
+
+DOMAIN = Domain("inflight", EnvelopeSchema(1, InflightSchema()), colocated=True)
+
+
+class InflightCommands:
+    def __init__(self, store: StoreProvider, ttl_ms: int) -> None:
+        self._store = store
+        self.ttl_ms = ttl_ms
+
+    def put(self, record: dict[str, Any]) -> None:
+        store = self._store()
+        store.set(record["commandId"], record, self.ttl_ms)
+        store.index_add(INDEX, {record["commandId"]: float(record["createdAtMs"])})
+
+    def get(self, command_id: str) -> Optional[dict[str, Any]]:
+        return self._store().get(command_id)
+
+    def claim(self, command_id: str) -> Optional[dict[str, Any]]:
+        """Remove and return the record; ``None`` when absent or claimed by someone else first."""
+        store = self._store()
+        entry = store.get_entry(command_id)
+        if entry is None:
+            return None
+        claimed = store.delete_if(command_id, entry)
+        store.index_remove(INDEX, [command_id])
+        return entry.data if claimed else None
+
+    def remove(self, command_id: str) -> None:
+        store = self._store()
+        store.delete(command_id)
+        store.index_remove(INDEX, [command_id])
+
+    def list(self, older_than_ms: Optional[int] = None) -> list[dict[str, Any]]:
+        """Records oldest first; with ``older_than_ms``, only those created before it."""
+        store = self._store()
+        max_score = None if older_than_ms is None else float(older_than_ms) - 0.5
+        ids = [m for m, _ in store.index_range(INDEX, newest_first=False, max_score=max_score)]
+        records = store.mget(ids) if ids else []
+        gone = [i for i, r in zip(ids, records) if r is None]
+        if gone:
+            store.index_remove(INDEX, gone)
+        return [r for r in records if r is not None]
+
+    def count(self) -> int:
+        return self._store().index_count(INDEX)

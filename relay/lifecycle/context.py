@@ -1,0 +1,180 @@
+"""What every lifecycle step shares: settings, domains, the agent sessions, the bus, clock and ids."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from config.settings import Settings
+from relay.agents.sessions import SessionRegistry
+from relay.domains.audit import AuditIndex
+from relay.domains.idempotency import IdempotencyKeys
+from relay.domains.inflight import InflightCommands
+from relay.domains.locale import UserLocales
+from relay.domains.machines import MachineRegistry
+from relay.domains.ratelimit import RateLimiter
+from relay.domains.templates import RetryTemplates
+from relay.stores.base import StoreError
+from relay.stores.envelope import iso_ms
+
+if TYPE_CHECKING:
+    from relay.agents.bus import AgentBus
+
+log = logging.getLogger("relay.lifecycle")
+
+
+def new_instance_id() -> str:
+    """``host:pid:nonce``: names this process as the holder of its agent sockets. The nonce keeps ids
+    unique where host names and pids repeat (containers, a pid reused after a restart)."""
+    return f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass
+class Domains:
+    idempotency: IdempotencyKeys
+    machines: MachineRegistry
+    inflight: InflightCommands
+    audit: AuditIndex
+    templates: RetryTemplates
+    ratelimit: RateLimiter
+    locale: UserLocales
+
+
+class AuditTrail:
+    """The audit index plus the append-only JSONL log (reference §8.2).
+
+    An event is appended to the file only when the index accepted it as new, and
+    hydration applies the file through the same idempotent path, so restarts and
+    mixed memory/Redis modes never duplicate events (reference §13 items 8, 9).
+    """
+
+    def __init__(self, index: AuditIndex, log_path: str) -> None:
+        self.index = index
+        self.path: Optional[Path] = Path(log_path).resolve() if log_path else None
+        self._file_lock = threading.Lock()
+        self.file_errors = 0
+
+    def record(self, event: dict[str, Any]) -> None:
+        if not self.index.apply(event) or self.path is None:
+            return
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            with self._file_lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(line)
+        except OSError as exc:
+            # The index already holds the event; a full or read-only disk must not fail the command.
+            self.file_errors += 1
+            log.error("audit log append failed", extra={"event": "audit_file_failed", "error": type(exc).__name__})
+
+    def events_from_disk(self) -> list[dict[str, Any]]:
+        """Valid events of the JSONL file; unreadable lines are skipped."""
+        if self.path is None or not self.path.exists():
+            return []
+        events = []
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and all(isinstance(event.get(k), str) for k in ("commandId", "timestamp", "status")):
+                    events.append(event)
+        return events
+
+    def hydrate(self) -> int:
+        """Replay the file into the index (idempotent); return how many events were new."""
+        added = 0
+        for event in self.events_from_disk():
+            if self.index.apply(event):
+                added += 1
+        return added
+
+
+@dataclass
+class LifecycleContext:
+    settings: Settings
+    domains: Domains
+    sessions: SessionRegistry
+    audit: AuditTrail
+    clock: Callable[[], int]
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    instance_id: str = field(default_factory=new_instance_id)
+    #: Delivery to machines held by other processes; ``None`` in a single process without Redis.
+    bus: Optional["AgentBus"] = None
+
+    def now_iso(self) -> str:
+        return iso_ms(self.clock())
+
+    def event(self, command_id: str, status: str, timestamp: Optional[str] = None, **fields_: Any) -> dict[str, Any]:
+        """A CommandEvent with absent optional fields left out, in the reference's key order."""
+        event: dict[str, Any] = {"commandId": command_id, "timestamp": timestamp or self.now_iso(), "status": status}
+        for name in ("userId", "machineId", "kind", "summary", "metadata"):
+            value = fields_.get(name)
+            if value:
+                event[name] = value
+        return event
+
+    def trace(self, machine_id: Optional[str], direction: str, stage: str, **fields_: Any) -> None:
+        """Send a ``relay.trace`` frame to the machine's socket: here, or forwarded (unconfirmed) to the
+        process holding it. Traces are informational: a store failure while looking the holder up is
+        ignored."""
+        if not machine_id:
+            return
+        trace: dict[str, Any] = {"direction": direction, "stage": stage}
+        for name in ("commandId", "machineId", "userId", "kind", "status", "detail"):
+            value = fields_.get(name)
+            if name == "machineId":
+                value = value or machine_id
+            if value:
+                trace[name] = value
+        trace["at"] = self.now_iso()
+        frame = {"type": "relay.trace", "trace": trace}
+        if self.sessions.send(machine_id, frame) or self.bus is None:
+            return
+        try:
+            record = self.domains.machines.get(machine_id)
+        except StoreError:
+            return
+        holder = record.get("holder") if record else None
+        if holder and holder != self.instance_id:
+            self.bus.forward(holder, machine_id, frame)
+
+    def online_record(self, machine_id: str) -> Optional[dict[str, Any]]:
+        """The machine's record when a command can be sent to it, else ``None``.
+
+        The reference's online rule (a live, not stale store record held by a socket of this process),
+        extended across processes: with the bus, a record held by another process counts too, and the
+        holder confirms each delivery (``send``), so a holder that is gone ends as ``machine_offline``.
+        """
+        record = self.domains.machines.get(machine_id)
+        if record is None or self.domains.machines.is_stale(record, self.clock()):
+            return None
+        session = self.sessions.get(machine_id)
+        if session is not None and session.session_id == record["sessionId"]:
+            return record
+        if self.bus is not None and self.bus.reaches(record.get("holder")):
+            return record
+        return None
+
+    def is_online(self, machine_id: str) -> bool:
+        return self.online_record(machine_id) is not None
+
+    def send(self, machine_id: str, frame: dict[str, Any], record: dict[str, Any]) -> bool:
+        """Send ``frame`` to the machine ``record`` (from ``online_record``) describes: through the bus
+        when another process holds it (``True`` once the holder confirms), else on the local socket."""
+        holder = record.get("holder")
+        if self.bus is not None and holder and holder != self.instance_id:
+            return self.bus.deliver(holder, machine_id, frame)
+        return self.sessions.send(machine_id, frame)

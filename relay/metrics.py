@@ -1,0 +1,590 @@
+"""Store telemetry: Prometheus metrics, a rolling per-domain summary, and structured logs.
+
+``StoreMetrics`` is the ``StoreObserver`` the routed stores report to. Each report feeds
+
+* Prometheus instruments (``relay_store_*``), exported at ``/metrics/prometheus``;
+* an in-process rolling window per domain (the last ``window_s`` seconds, one bucket per
+  second) from which ``domain_summary`` gives p50/p95/p99 latency and error, timeout,
+  fallback and mismatch rates for the JSON ``/metrics``;
+* JSON log lines on the ``relay.store`` logger for fallbacks, breaker changes, shadow
+  mismatches, secondary-write failures and flag changes. Logs carry an ``event`` name and
+  the domain; never a stored value, and a key only as a hash.
+
+Several gunicorn workers: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``config/gunicorn.py`` sets it
+before any worker imports prometheus_client) every process writes its values to files in that
+directory and the exposition merges them, so a scrape served by any worker shows the totals of
+all of them. The instruments are then created once per process whatever registry is passed,
+because two instruments of one name would overwrite each other's file entries. Without the
+variable the instruments live in a registry: the default one, shared by every ``StoreMetrics`` of
+the process, unless a ``CollectorRegistry`` is injected (tests). The rolling window is always this
+process's own view.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pybreaker
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from config.phases import PHASES, DomainPlan
+from middleware.breaker import StateChangeListener
+from middleware.observer import DIFFERENT, ERROR, EXTRA, MATCH, MISSING, REJECTED, TIMEOUT
+from relay.stores.base import Store, StoreError
+
+__all__ = ["CONTENT_TYPE_LATEST", "KeyCardinality", "LATENCY_BUCKETS", "StoreMetrics", "multiprocess_dir"]
+
+log = logging.getLogger("relay.store")
+
+#: Histogram buckets in seconds, from 10 µs (memory calls) to 1 s (past the Redis deadline).
+LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                   0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: ``relay_store_breaker_state`` values.
+BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+#: Phase label for a mix of flags that matches no preset.
+CUSTOM_PHASE = "custom"
+#: Shadow outcomes that count as a comparison, and those that are a mismatch.
+COMPARED = frozenset({MATCH, MISSING, EXTRA, DIFFERENT})
+MISMATCHES = frozenset({MISSING, EXTRA, DIFFERENT})
+
+_HASHED_KEY = re.compile(r"sha256:[0-9a-f]{8,64}")
+_SAFE_DETAIL = re.compile(r"[A-Za-z0-9_.,:-]{1,200}")
+
+
+def multiprocess_dir() -> Optional[str]:
+    """The prometheus_client multiprocess directory, when this process runs in that mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+# -- Prometheus instruments ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Instruments:
+    latency: Histogram
+    errors: Counter
+    timeouts: Counter
+    retries: Counter
+    fallbacks: Counter
+    secondary_failures: Counter
+    secondary_skipped: Counter
+    shadow: Counter
+    breaker_transitions: Counter
+    writebacks: Counter
+    flag_changes: Counter
+    breaker_state: Gauge
+    flag: Gauge
+    phase: Gauge
+    keys: Gauge
+
+    @classmethod
+    def build(cls, registry: Optional[CollectorRegistry]) -> "_Instruments":
+        r = registry
+        return cls(
+            latency=Histogram("relay_store_operation_seconds", "Store backend call latency.",
+                              ["backend", "domain", "op", "outcome"], buckets=LATENCY_BUCKETS, registry=r),
+            errors=Counter("relay_store_errors", "Failed store backend calls (error, or rejected by an open breaker).",
+                           ["backend", "domain", "op", "outcome"], registry=r),
+            timeouts=Counter("relay_store_timeouts", "Store backend calls that timed out.",
+                             ["backend", "domain", "op"], registry=r),
+            retries=Counter("relay_store_retries", "Retried store backend attempts.", ["backend"], registry=r),
+            fallbacks=Counter("relay_store_fallbacks", "Reads or writes served by memory because Redis failed.",
+                              ["domain", "op", "kind"], registry=r),
+            secondary_failures=Counter("relay_store_secondary_write_failures",
+                                       "Mirrored writes to the non-authoritative backend that failed.",
+                                       ["domain", "op"], registry=r),
+            secondary_skipped=Counter("relay_store_secondary_writes_skipped",
+                                      "Mirrored writes not attempted because the authoritative write failed.",
+                                      ["domain", "op"], registry=r),
+            shadow=Counter("relay_store_shadow_comparisons", "Shadow comparisons by outcome.",
+                           ["domain", "outcome"], registry=r),
+            breaker_transitions=Counter("relay_store_breaker_transitions", "Redis circuit breaker transitions.",
+                                        ["from", "to"], registry=r),
+            writebacks=Counter("relay_store_writebacks", "Fallback writes copied back to Redis, by outcome.",
+                               ["domain", "outcome"], registry=r),
+            flag_changes=Counter("relay_store_flag_changes", "Store flag changes applied at runtime.",
+                                 ["domain"], registry=r),
+            breaker_state=Gauge("relay_store_breaker_state",
+                                "Redis circuit breaker: 0 closed, 1 half-open, 2 open (worst live worker).",
+                                registry=r, multiprocess_mode="livemax"),
+            flag=Gauge("relay_store_flag", "Store flags in force (booleans as 0/1, the sample rate as is).",
+                       ["domain", "flag"], registry=r, multiprocess_mode="livemax"),
+            phase=Gauge("relay_store_phase", "1 for the migration phase in force per domain.",
+                        ["domain", "phase"], registry=r, multiprocess_mode="livemax"),
+            keys=Gauge("relay_store_keys", "Keys (records) per domain and backend, sampled at scrape time.",
+                       ["domain", "backend"], registry=r, multiprocess_mode="livemostrecent"),
+        )
+
+
+_shared: Optional[_Instruments] = None
+_shared_lock = threading.Lock()
+
+
+def _process_instruments() -> _Instruments:
+    """One set of instruments per process: in the default registry, or in the multiprocess files."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = _Instruments.build(None if multiprocess_dir() else REGISTRY)
+        return _shared
+
+
+# -- rolling window -------------------------------------------------------------------------------
+#: Latencies are kept in logarithmic bins with 1 % relative accuracy (as in DDSketch), so a
+#: window's memory depends on the spread of latencies, not on the number of calls.
+_ACCURACY = 0.01
+_GAMMA = (1 + _ACCURACY) / (1 - _ACCURACY)
+_LOG_GAMMA = math.log(_GAMMA)
+_MIN_SECONDS = 1e-7
+
+
+def _bin(seconds: float) -> int:
+    return math.ceil(math.log(max(seconds, _MIN_SECONDS)) / _LOG_GAMMA)
+
+
+def _bin_seconds(index: int) -> float:
+    return 2 * _GAMMA ** index / (_GAMMA + 1)
+
+
+def _percentile(bins: Mapping[int, int], total: int, q: float) -> Optional[float]:
+    """The nearest-rank ``q`` quantile in milliseconds (within 1 %), ``None`` without data."""
+    if total <= 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for index in sorted(bins):
+        seen += bins[index]
+        if seen >= rank:
+            return round(_bin_seconds(index) * 1000, 4)
+    return round(_bin_seconds(max(bins)) * 1000, 4)
+
+
+def _rate(events: int, total: int) -> Optional[float]:
+    return None if total == 0 else round(events / total, 6)
+
+
+class _Calls:
+    """Backend calls of one domain and backend within one second (or merged over a window)."""
+
+    __slots__ = ("count", "errors", "timeouts", "bins")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.bins: dict[int, int] = {}
+
+    def add(self, outcome: str, seconds: float) -> None:
+        self.count += 1
+        if outcome == TIMEOUT:
+            self.timeouts += 1
+        elif outcome in (ERROR, REJECTED):
+            self.errors += 1
+        index = _bin(seconds)
+        self.bins[index] = self.bins.get(index, 0) + 1
+
+    def merge(self, other: "_Calls") -> None:
+        self.count += other.count
+        self.errors += other.errors
+        self.timeouts += other.timeouts
+        for index, n in other.bins.items():
+            self.bins[index] = self.bins.get(index, 0) + n
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "operations": self.count,
+            "p50Ms": _percentile(self.bins, self.count, 0.50),
+            "p95Ms": _percentile(self.bins, self.count, 0.95),
+            "p99Ms": _percentile(self.bins, self.count, 0.99),
+            "errorRate": _rate(self.errors, self.count),
+            "timeoutRate": _rate(self.timeouts, self.count),
+        }
+
+
+class _Second:
+    __slots__ = ("second", "calls", "fallbacks", "comparisons", "mismatches")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.calls: dict[str, _Calls] = {}
+        self.fallbacks = 0
+        self.comparisons = 0
+        self.mismatches = 0
+
+
+class RollingWindow:
+    """One domain's last ``window_s`` seconds, as a ring of per-second buckets."""
+
+    def __init__(self, window_s: int, clock: Callable[[], float]) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._ring: list[Optional[_Second]] = [None] * window_s
+        self._lock = threading.Lock()
+
+    def _bucket(self) -> _Second:
+        """The current second's bucket (the caller holds the lock)."""
+        second = int(self._clock())
+        slot = second % self.window_s
+        bucket = self._ring[slot]
+        if bucket is None or bucket.second != second:
+            bucket = self._ring[slot] = _Second(second)
+        return bucket
+
+    def call(self, backend: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            calls = self._bucket().calls
+            per_backend = calls.get(backend)
+            if per_backend is None:
+                per_backend = calls[backend] = _Calls()
+            per_backend.add(outcome, seconds)
+
+    def fallback(self) -> None:
+        with self._lock:
+            self._bucket().fallbacks += 1
+
+    def comparison(self, mismatch: bool) -> None:
+        with self._lock:
+            bucket = self._bucket()
+            bucket.comparisons += 1
+            bucket.mismatches += mismatch
+
+    def summary(self) -> dict[str, Any]:
+        """Percentiles and rates over the live buckets; rates are ``None`` when nothing was counted."""
+        with self._lock:
+            oldest = int(self._clock()) - self.window_s
+            live = [b for b in self._ring if b is not None and b.second > oldest]
+            by_backend: dict[str, _Calls] = {}
+            fallbacks = comparisons = mismatches = 0
+            for bucket in live:
+                for backend, calls in bucket.calls.items():
+                    by_backend.setdefault(backend, _Calls()).merge(calls)
+                fallbacks += bucket.fallbacks
+                comparisons += bucket.comparisons
+                mismatches += bucket.mismatches
+        total = _Calls()
+        for calls in by_backend.values():
+            total.merge(calls)
+        out = total.summary()
+        out["fallbackRate"] = _rate(fallbacks, total.count)
+        out["mismatchRate"] = _rate(mismatches, comparisons)
+        out["comparisons"] = comparisons
+        out["backends"] = {name: calls.summary() for name, calls in sorted(by_backend.items())}
+        return out
+
+
+# -- logs -----------------------------------------------------------------------------------------
+class _LogThrottle:
+    """At most one log line per key and interval; reports how many were held back in between."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def admit(self, key: tuple[str, ...]) -> Optional[int]:
+        """The number of suppressed lines to report with this one, or ``None`` to drop it."""
+        now = self._clock()
+        with self._lock:
+            last, suppressed = self._state.get(key, (-math.inf, 0))
+            if now - last < self._interval_s:
+                self._state[key] = (last, suppressed + 1)
+                return None
+            self._state[key] = (now, 0)
+            return suppressed
+
+
+def redact_key(key: Optional[str]) -> Optional[str]:
+    """A key as logs may show it: a SHA-256 prefix (already hashed keys pass through)."""
+    if key is None or _HASHED_KEY.fullmatch(key):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _safe_detail(detail: Optional[str]) -> Optional[str]:
+    """Shadow details are field names or error class names; anything else is not logged."""
+    if detail is None or _SAFE_DETAIL.fullmatch(detail):
+        return detail
+    return "redacted"
+
+
+def _plan_flags(plan: DomainPlan) -> dict[str, float]:
+    return {
+        "backend_redis": float(plan.backend == "redis"),
+        "read_preference_redis": float(plan.read_preference == "redis"),
+        "dual_write": float(plan.dual_write),
+        "fallback_to_memory": float(plan.fallback_to_memory),
+        "shadow_compare": float(plan.shadow_compare),
+        "shadow_sample_rate": float(plan.shadow_sample_rate),
+    }
+
+
+# -- the observer ---------------------------------------------------------------------------------
+class StoreMetrics:
+    """The ``StoreObserver`` behind ``/metrics/prometheus``, ``store.domains`` and the store logs.
+
+    ``registry``: where the instruments live when not in multiprocess mode (default: the process's
+    shared instruments in the default registry); in multiprocess mode it is ignored and the
+    process's one set of file-backed instruments is used. ``window_s``: length of the rolling window of
+    ``domain_summary``. ``clock``: monotonic seconds, for the window and the log throttle.
+    ``log_interval_s``: at most one fallback, mismatch or secondary-failure line per
+    (event, domain, operation) and interval; the next line reports how many were suppressed.
+    """
+
+    def __init__(
+        self,
+        registry: Optional[CollectorRegistry] = None,
+        *,
+        window_s: int = 300,
+        clock: Callable[[], float] = time.monotonic,
+        log_interval_s: float = 1.0,
+    ) -> None:
+        if window_s < 1:
+            raise ValueError("window_s must be at least 1")
+        self.multiprocess = multiprocess_dir() is not None
+        if self.multiprocess or registry is None:
+            self._i = _process_instruments()
+            self.registry = None if self.multiprocess else REGISTRY
+        else:
+            self._i = _Instruments.build(registry)
+            self.registry = registry
+        self.window_s = window_s
+        self._clock = clock
+        self._windows: dict[str, RollingWindow] = {}
+        self._windows_lock = threading.Lock()
+        self._throttle = _LogThrottle(log_interval_s, clock)
+        self._retry_sources: dict[str, Callable[[], Mapping[str, int]]] = {}
+        self._retries_seen: dict[str, int] = {}
+        self._retries_lock = threading.Lock()
+        self._plans: dict[str, DomainPlan] = {}
+
+    # -- StoreObserver ------------------------------------------------------------------------------
+    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
+        self._i.latency.labels(backend, domain, op, outcome).observe(seconds)
+        if outcome == TIMEOUT:
+            self._i.timeouts.labels(backend, domain, op).inc()
+        elif outcome in (ERROR, REJECTED):
+            self._i.errors.labels(backend, domain, op, outcome).inc()
+        self._window(domain).call(backend, outcome, seconds)
+        if backend in self._retry_sources:
+            self._sync_retries(backend)
+
+    def fallback(self, domain: str, op: str, kind: str) -> None:
+        self._i.fallbacks.labels(domain, op, kind).inc()
+        self._window(domain).fallback()
+        self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
+
+    def secondary_failure(self, domain: str, op: str) -> None:
+        self._i.secondary_failures.labels(domain, op).inc()
+        self._log_throttled(logging.WARNING, "mirrored store write failed", "store_secondary_write_failed",
+                            domain, op)
+
+    def secondary_skipped(self, domain: str, op: str) -> None:
+        self._i.secondary_skipped.labels(domain, op).inc()
+
+    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
+        self._i.shadow.labels(domain, outcome).inc()
+        if outcome in COMPARED:
+            self._window(domain).comparison(outcome in MISMATCHES)
+        if outcome in MISMATCHES:
+            self._log_throttled(logging.WARNING, "shadow comparison mismatch", "store_shadow_mismatch", domain,
+                                outcome, outcome=outcome, keyHash=redact_key(key), fields=_safe_detail(detail))
+
+    def writeback(self, domain: str, outcome: str) -> None:
+        self._i.writebacks.labels(domain, outcome).inc()
+
+    # -- breaker, retries, flags ----------------------------------------------------------------------
+    def watch_breaker(self, breaker: pybreaker.CircuitBreaker) -> None:
+        """Count and log the breaker's transitions, and keep ``relay_store_breaker_state`` current."""
+        self._i.breaker_state.set(BREAKER_STATES.get(breaker.current_state, 0))
+        breaker.add_listener(StateChangeListener(self._breaker_changed))
+
+    def _breaker_changed(self, name: Optional[str], old: Optional[str], new: str) -> None:
+        self._i.breaker_transitions.labels(old or "none", new).inc()
+        self._i.breaker_state.set(BREAKER_STATES.get(new, 0))
+        level = logging.INFO if new == pybreaker.STATE_CLOSED else logging.WARNING
+        log.log(level, "store circuit breaker changed state",
+                extra={"event": "store_breaker_change", "breaker": name, "from": old, "to": new})
+
+    def watch_retries(self, backend: str, snapshot: Callable[[], Mapping[str, int]]) -> None:
+        """Feed ``relay_store_retries_total{backend}`` from a backend's ``counters.snapshot``.
+
+        The counter follows the snapshot's ``retries`` after every call to that backend and at
+        every scrape (``sync``).
+        """
+        with self._retries_lock:
+            self._retry_sources[backend] = snapshot
+            self._retries_seen.setdefault(backend, 0)
+        self._sync_retries(backend)
+
+    def _sync_retries(self, backend: str) -> None:
+        with self._retries_lock:
+            total = int(self._retry_sources[backend]().get("retries", 0))
+            delta = total - self._retries_seen[backend]
+            if delta <= 0:
+                return
+            self._retries_seen[backend] = total
+        self._i.retries.labels(backend).inc(delta)
+
+    def set_plans(self, plans: Mapping[str, DomainPlan]) -> None:
+        """Publish the plans in force: ``relay_store_phase`` and ``relay_store_flag`` per domain."""
+        for domain, plan in plans.items():
+            current = plan.phase or CUSTOM_PHASE
+            for phase in (*PHASES, CUSTOM_PHASE):
+                self._i.phase.labels(domain, phase).set(1.0 if phase == current else 0.0)
+            for flag, value in _plan_flags(plan).items():
+                self._i.flag.labels(domain, flag).set(value)
+            self._plans[domain] = plan
+
+    def flags_changed(self, old: Mapping[str, DomainPlan], new: Mapping[str, DomainPlan]) -> list[str]:
+        """Count each domain whose plan changed and publish ``new``; return the changed domains.
+
+        For a caller that logs the change itself; ``log_flag_change`` also logs it.
+        """
+        changed = [domain for domain, plan in new.items() if old.get(domain) != plan]
+        for domain in changed:
+            self._i.flag_changes.labels(domain).inc()
+        self.set_plans(new)
+        return changed
+
+    def log_flag_change(self, old: Mapping[str, DomainPlan], new: Mapping[str, DomainPlan]) -> int:
+        """``flags_changed``, plus one ``store_flag_change`` log line per changed domain naming the
+        flags that moved; return how many domains changed."""
+        changed = self.flags_changed(old, new)
+        for domain in changed:
+            before = old.get(domain)
+            was = before.as_flags() if before is not None else {}
+            now = new[domain].as_flags()
+            diff = {name: [was.get(name), value] for name, value in now.items() if was.get(name) != value}
+            log.info("store flags changed", extra={
+                "event": "store_flag_change", "domain": domain,
+                "fromPhase": was.get("phase"), "toPhase": now["phase"], "changes": diff,
+            })
+        return len(changed)
+
+    def set_key_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Publish ``relay_store_keys`` for ``{(domain, backend): count}``."""
+        for (domain, backend), count in counts.items():
+            self._i.keys.labels(domain, backend).set(count)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def domain_summary(self, domain: str, phase: Optional[str]) -> dict[str, Any]:
+        """``store.domains.<domain>`` of the JSON ``/metrics``, over this process's rolling window.
+
+        Latencies are in milliseconds. ``errorRate`` (errors and breaker rejections),
+        ``timeoutRate`` and ``fallbackRate`` are per backend call, ``mismatchRate`` per shadow
+        comparison; each is ``None`` while its denominator is 0. ``backends`` splits calls,
+        latencies and error/timeout rates by backend.
+        """
+        return {"phase": phase, "windowSeconds": self.window_s, **self._window(domain).summary()}
+
+    def domains_summary(self, phases: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, dict[str, Any]]:
+        """``domain_summary`` for every domain in ``phases`` (default: the plans of ``set_plans``)."""
+        if phases is None:
+            phases = {domain: plan.phase or CUSTOM_PHASE for domain, plan in self._plans.items()}
+        return {domain: self.domain_summary(domain, phase) for domain, phase in phases.items()}
+
+    def sync(self) -> None:
+        """Bring values that are read rather than reported (retries) up to date."""
+        for backend in list(self._retry_sources):
+            self._sync_retries(backend)
+
+    def exposition(self) -> bytes:
+        """The text exposition: of every worker's files in multiprocess mode, else of the registry."""
+        self.sync()
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _window(self, domain: str) -> RollingWindow:
+        window = self._windows.get(domain)
+        if window is None:
+            with self._windows_lock:
+                window = self._windows.setdefault(domain, RollingWindow(self.window_s, self._clock))
+        return window
+
+    def _log_throttled(self, level: int, message: str, event: str, domain: str, op: str, **fields: Any) -> None:
+        suppressed = self._throttle.admit((event, domain, op))
+        if suppressed is None:
+            return
+        extra = {"event": event, "domain": domain, "op": op, **fields}
+        if suppressed:
+            extra["suppressed"] = suppressed
+        log.log(level, message, extra=extra)
+
+
+# -- key cardinality ------------------------------------------------------------------------------
+class KeyCardinality:
+    """Key counts per (domain, backend), cheap enough to take at every scrape.
+
+    ``indexes`` maps a domain to the full key of the index that lists all its records: its size
+    (``index_count``) is read at every call. ``prefixes`` maps the other domains to their key
+    prefix: those are counted with the backend's ``scan_keys(prefix)`` when it has one (the memory
+    backend), at most once per ``scan_interval_s``, and the cached count is reused in between. A
+    backend whose circuit breaker is not closed is not asked (a scrape never takes the half-open
+    trial call); a backend that fails is skipped for that scrape.
+    """
+
+    def __init__(
+        self,
+        backends: Mapping[str, Store],
+        indexes: Mapping[str, str],
+        prefixes: Mapping[str, str],
+        scan_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backends = dict(backends)
+        self._indexes = dict(indexes)
+        self._prefixes = dict(prefixes)
+        self._scan_interval_s = scan_interval_s
+        self._clock = clock
+        self._scanned: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for name, backend in self._backends.items():
+            if getattr(backend, "breaker_state", pybreaker.STATE_CLOSED) != pybreaker.STATE_CLOSED:
+                continue
+            try:
+                for domain, index_key in self._indexes.items():
+                    out[(domain, name)] = backend.index_count(index_key)
+                out.update(self._scan(name, backend, self._prefixes.items()))
+            except StoreError:
+                continue
+        return out
+
+    def _scan(self, name: str, backend: Store, prefixes: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        scan = getattr(backend, "scan_keys", None)
+        if scan is None:
+            return {}
+        out = {}
+        now = self._clock()
+        for domain, prefix in prefixes:
+            with self._lock:
+                cached = self._scanned.get((domain, name))
+            if cached is None or now - cached[0] >= self._scan_interval_s:
+                records = sum(1 for key in scan(prefix) if not key.startswith("#", len(prefix)))
+                cached = (now, records)
+                with self._lock:
+                    self._scanned[(domain, name)] = cached
+            out[(domain, name)] = cached[1]
+        return out

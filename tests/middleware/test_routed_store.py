@@ -1,0 +1,214 @@
+"""RoutedStore semantics per phase: authority, mirroring, fallback, write-back, shadow, copies."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import pytest
+
+from config.phases import PRESETS, DomainPlan
+from middleware.breaker import GuardedBreaker
+from middleware.routed_store import RoutedStore
+from middleware.shadow import ShadowComparer
+from middleware.writeback import Reconciler, WriteBackJournal, copy_newer
+from relay.stores.base import StoreUnavailable
+from relay.stores.envelope import iso_ms
+from relay.stores.memory import MemoryStore
+from relay.stores.redis import RedisStore
+from tests.support.redisproc import RedisServer
+
+PREFIX = "t:dev:{audit}:"
+
+
+class Recorder:
+    """A StoreObserver that counts what it is told."""
+
+    def __init__(self) -> None:
+        self.events: Counter[tuple[str, ...]] = Counter()
+
+    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
+        self.events["op", backend, op, outcome] += 1
+
+    def fallback(self, domain: str, op: str, kind: str) -> None:
+        self.events["fallback", op, kind] += 1
+
+    def secondary_failure(self, domain: str, op: str) -> None:
+        self.events["secondary_failure", op] += 1
+
+    def secondary_skipped(self, domain: str, op: str) -> None:
+        self.events["secondary_skipped", op] += 1
+
+    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
+        self.events["shadow", outcome] += 1
+
+    def writeback(self, domain: str, outcome: str) -> None:
+        self.events["writeback", outcome] += 1
+
+
+def envelope(data: Any, at_ms: int) -> str:
+    return json.dumps({"version": 1, "updatedAt": iso_ms(at_ms), "data": data})
+
+
+class Rig:
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.memory = MemoryStore()
+        self.redis = RedisStore(server.url, breaker=GuardedBreaker(fail_max=100, reset_timeout=0.05),
+                                socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
+        self.backends = {"memory": self.memory, "redis": self.redis}
+        self.observer = Recorder()
+        self.journal = WriteBackJournal()
+        self.shadow = ShadowComparer(self.observer)
+        self.reconciler = Reconciler(self.backends, self.journal, self.observer, lambda domain: PREFIX)
+
+    def routed(self, phase: str, **changes: Any) -> RoutedStore:
+        plan: DomainPlan = PRESETS[phase]
+        if changes:
+            plan = DomainPlan(**{**plan.__dict__, **changes})
+        return RoutedStore("audit", plan, self.backends, self.observer, self.shadow, self.journal,
+                           sample=lambda: 0.0)
+
+
+@pytest.fixture
+def rig(redis_server: RedisServer) -> Iterator[Rig]:
+    rig = Rig(redis_server)
+    yield rig
+    rig.redis.close()
+
+
+def test_dual_write_mirrors_to_redis_and_reads_memory(rig: Rig) -> None:
+    store = rig.routed("dual-write")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1000))
+    assert rig.memory.get(PREFIX + "a") == rig.redis.get(PREFIX + "a")
+    rig.redis.delete(PREFIX + "a")
+    assert store.get(PREFIX + "a") is not None  # reads stay on memory
+
+
+def test_failed_secondary_write_is_counted_and_never_fails_the_caller(rig: Rig) -> None:
+    store = rig.routed("dual-write")
+    rig.server.stop()
+    store.set(PREFIX + "a", envelope({"n": 1}, 1000))
+    assert rig.memory.get(PREFIX + "a") is not None
+    assert rig.observer.events["secondary_failure", "set"] == 1
+
+
+def test_failed_authoritative_write_skips_the_secondary_and_raises_without_fallback(rig: Rig) -> None:
+    store = rig.routed("rampdown", fallback_to_memory=False)
+    rig.server.stop()
+    with pytest.raises(StoreUnavailable):
+        store.set(PREFIX + "a", envelope({"n": 1}, 1000))
+    assert rig.memory.get(PREFIX + "a") is None
+    assert rig.observer.events["secondary_skipped", "set"] == 1
+
+
+def test_fallback_write_is_written_back_after_recovery_without_overwriting_newer(rig: Rig) -> None:
+    store = rig.routed("redis-primary", fallback_to_memory=True)
+    rig.server.pause()
+    try:
+        store.set(PREFIX + "new", envelope({"v": "during outage"}, 2000))
+        store.set(PREFIX + "kept", envelope({"v": "stale"}, 3000))
+        store.index_add(PREFIX + "#updated", {"new": 2000.0})
+        assert rig.observer.events["fallback", "set", "write"] == 2
+        assert store.get(PREFIX + "new") is not None  # read falls back to memory too
+        assert rig.observer.events["fallback", "get", "read"] == 1
+        rig.reconciler.run_once()  # Redis does not answer: nothing is taken from the journal
+        assert rig.journal.pending() == {"audit": 3}
+    finally:
+        rig.server.resume()
+    # A write that timed out may still be applied when the server wakes up; let that settle,
+    # then play another instance that wrote a newer value during the outage.
+    time.sleep(0.1)
+    rig.redis.set(PREFIX + "kept", envelope({"v": "redis-newer"}, 5000))
+    rig.reconciler.run_once()
+    assert json.loads(rig.redis.get(PREFIX + "new"))["data"] == {"v": "during outage"}
+    assert json.loads(rig.redis.get(PREFIX + "kept"))["data"] == {"v": "redis-newer"}
+    assert rig.redis.index_range(PREFIX + "#updated") == [("new", 2000.0)]
+    assert rig.journal.pending() == {}
+    assert rig.observer.events["writeback", "kept_newer"] >= 1
+
+
+def test_read_fallback_on_redis_timeout(rig: Rig) -> None:
+    store = rig.routed("redis-read")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1000))
+    rig.server.pause()
+    try:
+        assert json.loads(store.get(PREFIX + "a"))["data"] == {"n": 1}
+    finally:
+        rig.server.resume()
+    assert rig.observer.events["fallback", "get", "read"] == 1
+    assert rig.observer.events["op", "redis", "get", "timeout"] >= 1
+
+
+def test_atomic_operations_are_decided_by_the_authoritative_backend(rig: Rig) -> None:
+    rig.memory.set(PREFIX + "k", "only in memory")
+    store = rig.routed("redis-read")
+    assert store.set_if_absent(PREFIX + "k", envelope({"n": 1}, 1)) is True
+    assert rig.memory.get(PREFIX + "k") == rig.redis.get(PREFIX + "k")
+    assert store.set_if_absent(PREFIX + "k", envelope({"n": 2}, 2)) is False
+    current = rig.redis.get(PREFIX + "k")
+    assert store.compare_and_set(PREFIX + "k", current, envelope({"n": 3}, 3)) is True
+    assert rig.memory.get(PREFIX + "k") == envelope({"n": 3}, 3)
+    assert store.compare_and_delete(PREFIX + "k", envelope({"n": 3}, 3)) is True
+    assert rig.memory.get(PREFIX + "k") is None
+    assert store.incr(PREFIX + "c", 2, 1000) == 2 and rig.memory.incr(PREFIX + "c", 0) == 2
+
+
+def test_shadow_compare_detects_values_changed_behind_the_relays_back(rig: Rig) -> None:
+    store = rig.routed("shadow")
+    store.set(PREFIX + "same", envelope({"n": 1}, 1))
+    store.set(PREFIX + "changed", envelope({"n": 1, "who": "relay"}, 1))
+    store.set(PREFIX + "gone", envelope({"n": 1}, 1))
+    rig.redis.set(PREFIX + "changed", envelope({"n": 1, "who": "someone else"}, 1))
+    rig.redis.delete(PREFIX + "gone")
+    for key in ("same", "changed", "gone"):
+        store.get(PREFIX + key)
+    rig.shadow.start()
+    rig.shadow.drain()
+    rig.shadow.stop()
+    assert rig.shadow.counts["audit"] == {"match": 1, "different": 1, "missing": 1}
+    sample = rig.shadow.mismatches()
+    assert {m["outcome"] for m in sample} == {"different", "missing"}
+    different = next(m for m in sample if m["outcome"] == "different")
+    assert different["fields"] == ["data"] and "changed" not in json.dumps(sample)
+
+
+def test_shadow_ignores_updated_at(rig: Rig) -> None:
+    store = rig.routed("shadow")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1))
+    rig.redis.set(PREFIX + "a", envelope({"n": 1}, 999))
+    store.get(PREFIX + "a")
+    rig.shadow.start()
+    rig.shadow.drain()
+    rig.shadow.stop()
+    assert rig.shadow.counts["audit"] == {"match": 1}
+
+
+def test_backfill_copies_memory_only_state_and_keeps_newer_redis_values(rig: Rig) -> None:
+    rig.memory.set(PREFIX + "old", envelope({"v": "memory"}, 1000), 60_000)
+    rig.memory.set(PREFIX + "both", envelope({"v": "memory, older"}, 1000))
+    rig.memory.index_add(PREFIX + "#updated", {"old": 1000.0, "both": 1000.0})
+    rig.redis.set(PREFIX + "both", envelope({"v": "redis, newer"}, 2000))
+    progress = rig.reconciler.copy_domain("audit", "backfill")
+    assert progress.state == "done" and progress.total == 3
+    assert (progress.written, progress.kept_newer) == (2, 1)
+    assert json.loads(rig.redis.get(PREFIX + "old"))["data"] == {"v": "memory"}
+    assert 0 < rig.redis.ttl_ms(PREFIX + "old") <= 60_000
+    assert json.loads(rig.redis.get(PREFIX + "both"))["data"] == {"v": "redis, newer"}
+    assert dict(rig.redis.index_range(PREFIX + "#updated")) == {"old": 1000.0, "both": 1000.0}
+
+
+def test_warmup_copies_redis_state_into_memory(rig: Rig) -> None:
+    rig.redis.set(PREFIX + "a", envelope({"v": 1}, 1000))
+    progress = rig.reconciler.copy_domain("audit", "warmup")
+    assert progress.written == 1
+    assert rig.memory.get(PREFIX + "a") == rig.redis.get(PREFIX + "a")
+
+
+def test_copy_never_overwrites_a_newer_target(rig: Rig) -> None:
+    rig.memory.set(PREFIX + "a", envelope({"v": "old"}, 1000))
+    rig.redis.set(PREFIX + "a", envelope({"v": "new"}, 1001))
+    assert copy_newer(rig.memory, rig.redis, PREFIX + "a") == "kept_newer"
+    assert json.loads(rig.redis.get(PREFIX + "a"))["data"] == {"v": "new"}
