@@ -13,8 +13,9 @@ the pool's queue, so keep the number of agents per worker well below the thread 
 ``worker_connections`` is twice the thread count: the worker stops accepting at that number, and the
 difference is what it may hold as idle keep-alive connections (gunicorn needs it above ``threads``).
 
-Agents are tracked per process, so one worker (the default) is the supported setup until
-machines on other workers are reachable through the bus.
+Agents are tracked per process. With every domain in Redis, several workers (and instances) serve
+together: a machine held by another worker is reached through the bus (docs/cluster.md). With a
+domain in memory, startup refuses more than one worker.
 
 Environment: ``RELAY_HOST`` (default 0.0.0.0), ``RELAY_PORT`` (8787), ``RELAY_WORKERS`` (1),
 ``RELAY_THREADS`` (1024), ``RELAY_GRACEFUL_TIMEOUT_S`` (20). Bad values stop the start with a message.
@@ -108,6 +109,17 @@ def post_worker_init(worker: Any) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """A worker that stops gracefully gives the sweep lease up and leaves the bus at once, so another
+    process leads the sweeps at its next period instead of after the lease TTL (docs/cluster.md)."""
+    relay = getattr(worker.wsgi, "extensions", {}).get("relay")
+    if relay is None:
+        return
+    relay.sweeper.stop()
+    if relay.bus is not None:
+        relay.bus.stop()
 
 
 # -- Prometheus multiprocess mode ------------------------------------------------------------------

@@ -15,7 +15,10 @@ from typing import Any, Optional
 DOMAINS = ("idempotency", "machines", "inflight", "audit", "templates", "ratelimit", "locale")
 BACKENDS = ("memory", "redis")
 PHASES = ("memory", "dual-write", "shadow", "redis-read", "rampdown", "redis-primary")
-FLAGS = ("BACKEND", "DUAL_WRITE", "READ_PREFERENCE", "FALLBACK_TO_MEMORY", "SHADOW_COMPARE", "SHADOW_SAMPLE_RATE")
+FLAGS = ("BACKEND", "DUAL_WRITE", "READ_PREFERENCE", "FALLBACK_TO_MEMORY", "SHADOW_COMPARE", "SHADOW_SAMPLE_RATE",
+         "SHADOW_MODE")
+#: ``compare``: the other backend; ``aa``: the same backend read twice (the noise floor, A/A).
+SHADOW_MODES = ("compare", "aa")
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 
@@ -39,6 +42,7 @@ class DomainPlan:
     fallback_to_memory: bool
     shadow_compare: bool
     shadow_sample_rate: float
+    shadow_mode: str = "compare"
 
     @property
     def authoritative(self) -> str:
@@ -58,7 +62,8 @@ class DomainPlan:
     def as_flags(self) -> dict[str, Any]:
         return {"phase": self.phase, "backend": self.backend, "dualWrite": self.dual_write,
                 "readPreference": self.read_preference, "fallbackToMemory": self.fallback_to_memory,
-                "shadowCompare": self.shadow_compare, "shadowSampleRate": self.shadow_sample_rate}
+                "shadowCompare": self.shadow_compare, "shadowSampleRate": self.shadow_sample_rate,
+                "shadowMode": self.shadow_mode}
 
 
 PRESETS: dict[str, DomainPlan] = {
@@ -86,6 +91,10 @@ def _parse(name: str, flag: str, raw: str, errors: dict[str, str]) -> Any:
         if text not in PHASES:
             errors[name] = "accepts one of: " + ", ".join(PHASES)
         return text
+    if flag == "SHADOW_MODE":
+        if text not in SHADOW_MODES:
+            errors[name] = "accepts one of: " + ", ".join(SHADOW_MODES)
+        return text
     if flag in ("BACKEND", "READ_PREFERENCE"):
         if text not in BACKENDS:
             errors[name] = "accepts one of: memory, redis"
@@ -106,7 +115,7 @@ def _parse(name: str, flag: str, raw: str, errors: dict[str, str]) -> Any:
 
 _FIELD = {"BACKEND": "backend", "DUAL_WRITE": "dual_write", "READ_PREFERENCE": "read_preference",
           "FALLBACK_TO_MEMORY": "fallback_to_memory", "SHADOW_COMPARE": "shadow_compare",
-          "SHADOW_SAMPLE_RATE": "shadow_sample_rate"}
+          "SHADOW_SAMPLE_RATE": "shadow_sample_rate", "SHADOW_MODE": "shadow_mode"}
 
 
 def _layer(plan: DomainPlan, prefix: str, env: Mapping[str, str], errors: dict[str, str]) -> DomainPlan:
@@ -126,9 +135,10 @@ def _layer(plan: DomainPlan, prefix: str, env: Mapping[str, str], errors: dict[s
 
 
 def _phase_of(plan: DomainPlan) -> Optional[str]:
-    """The preset a plan equals (ignoring the sample rate), or ``None`` for a custom mix."""
+    """The preset a plan equals (ignoring how shadow reads are sampled), or ``None`` for a custom mix."""
     for name, preset in PRESETS.items():
-        if replace(preset, phase=None, shadow_sample_rate=plan.shadow_sample_rate) == replace(plan, phase=None):
+        if replace(preset, phase=None, shadow_sample_rate=plan.shadow_sample_rate,
+                   shadow_mode=plan.shadow_mode) == replace(plan, phase=None):
             return name
     return None
 
@@ -170,5 +180,5 @@ def _check(domain: str, plan: DomainPlan, redis_configured: bool, errors: dict[s
         errors.setdefault(f"STORE_{upper}_READ_PREFERENCE",
                           f"reads from {plan.read_preference} need STORE_DUAL_WRITE=true when "
                           f"STORE_BACKEND={plan.backend} (that backend would never be written)")
-    if plan.shadow_compare and not plan.dual_write:
+    if plan.shadow_compare and not plan.dual_write and plan.shadow_mode == "compare":
         errors.setdefault(f"STORE_{upper}_SHADOW_COMPARE", "needs STORE_DUAL_WRITE=true (nothing to compare against)")

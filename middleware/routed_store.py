@@ -25,7 +25,7 @@ import pybreaker
 from config.phases import DomainPlan
 from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver
 from middleware.shadow import ShadowComparer
-from middleware.writeback import WriteBackJournal
+from middleware.writeback import WriteBackJournal, copy_newer
 from relay.stores.base import Store, StoreError
 
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class RoutedStore(Store):
         shadow: Optional[ShadowComparer] = None,
         journal: Optional[WriteBackJournal] = None,
         sample: Callable[[], float] = random.random,
+        pull_from: Optional[Store] = None,
     ) -> None:
         super().__init__(backends[plan.backend].max_value_bytes)
         self.domain = domain
@@ -65,8 +66,21 @@ class RoutedStore(Store):
         self._shadow = shadow if plan.shadow_compare else None
         self._journal = journal
         self._sample = sample
+        self._pull_from = pull_from
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _pull(self, *keys: str) -> None:
+        """While a backfill or warm-up of this domain runs, bring each key an operation touches
+        over from the backend being copied, before the operation decides anything. So a
+        reservation made before the switch is still seen (no msgId dispatched twice) and a
+        compare-and-set finds the record it read."""
+        if self._pull_from is None:
+            return
+        for key in keys:
+            try:
+                copy_newer(self._pull_from, self._auth, key)
+            except StoreError:
+                self._observer.fallback(self.domain, "pull", "read")
     def _call(self, backend: Store, op: str, fn: Callable[[Store], T]) -> T:
         start = time.perf_counter()
         try:
@@ -90,9 +104,12 @@ class RoutedStore(Store):
             self._observer.fallback(self.domain, op, "read")
             return self._call(self._memory, op, fn)  # type: ignore[arg-type]
         if self._shadow is not None and self._sample() < self.plan.shadow_sample_rate:
-            other = self._secondary if self._reader is self._auth else self._auth
+            if self.plan.shadow_mode == "aa":
+                other: Optional[Store] = self._reader
+            else:
+                other = self._secondary if self._reader is self._auth else self._auth
             if other is not None:
-                self._shadow.submit(self.domain, op, shadow_key, result, other, fn)
+                self._shadow.submit(self.domain, op, shadow_key, result, other, fn, self._reader)
         return result
 
     def _write(self, op: str, fn: Callable[[Store], T], mirror: Optional[Callable[[Store, T], Any]] = None,
@@ -122,10 +139,12 @@ class RoutedStore(Store):
 
     # -- plain values -----------------------------------------------------------------------------
     def get(self, key: str) -> Optional[str]:
+        self._pull(key)
         return self._read("get", lambda s: s.get(key), key)
 
     def mget(self, keys: Sequence[str]) -> list[Optional[str]]:
         keys = list(keys)
+        self._pull(*keys)
         return self._read("mget", lambda s: s.mget(keys), ",".join(keys[:1]))
 
     def ttl_ms(self, key: str) -> Optional[int]:
@@ -143,6 +162,7 @@ class RoutedStore(Store):
 
     # -- atomic helpers: decided by the authoritative backend, mirrored as plain writes ------------
     def set_if_absent(self, key: str, value: str, ttl_ms: Optional[int] = None) -> bool:
+        self._pull(key)
         def mirror(s: Store, won: bool) -> None:
             if won:
                 s.set(key, value, ttl_ms)
@@ -150,6 +170,7 @@ class RoutedStore(Store):
         return self._write("set_if_absent", lambda s: s.set_if_absent(key, value, ttl_ms), mirror, [key])
 
     def compare_and_set(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int] = None) -> bool:
+        self._pull(key)
         def mirror(s: Store, won: bool) -> None:
             if won:
                 s.set(key, value, ttl_ms)
@@ -158,6 +179,7 @@ class RoutedStore(Store):
                            [key])
 
     def compare_and_delete(self, key: str, expected: str) -> bool:
+        self._pull(key)
         def mirror(s: Store, won: bool) -> None:
             if won:
                 s.delete(key)
@@ -184,6 +206,7 @@ class RoutedStore(Store):
 
     def index_range(self, key: str, limit: Optional[int] = None, newest_first: bool = True,
                     min_score: Optional[float] = None, max_score: Optional[float] = None) -> list[tuple[str, float]]:
+        self._pull(key)
         return self._read("index_range", lambda s: s.index_range(key, limit, newest_first, min_score, max_score), key)
 
     def index_remove(self, key: str, members: Iterable[str]) -> int:

@@ -66,8 +66,10 @@ class StoreRouter:
         self._on_miss = on_miss
         self.shadow = shadow or ShadowComparer(self._observer)
         self.journal = WriteBackJournal()
-        self.reconciler = Reconciler(self._backends, self.journal, self._observer, self.prefix_of)
-        self._lock = threading.Lock()
+        self.reconciler = Reconciler(self._backends, self.journal, self._observer, self.prefix_of,
+                                     on_copy_done=self._copy_done)
+        self._lock = threading.RLock()
+        self._copying: dict[str, str] = {}
         self._binding = self._build(plans, 0)
 
     # -- building ---------------------------------------------------------------------------------
@@ -86,9 +88,15 @@ class StoreRouter:
             absent = needed - set(self._backends)
             if absent:
                 raise ValueError(f"domain {name} needs backend(s) {sorted(absent)} which are not configured")
-            routed = RoutedStore(name, plan, self._backends, self._observer, self.shadow, self.journal)
+            routed = RoutedStore(name, plan, self._backends, self._observer, self.shadow, self.journal,
+                                 pull_from=self._pull_source(name, plan))
             stores[name] = DomainStore(routed, self._keys, domain, on_miss=self._on_miss)
         return Binding(stores=stores, plans=dict(plans), version=version)
+
+    def _pull_source(self, domain: str, plan: DomainPlan) -> Optional[Store]:
+        direction = self._copying.get(domain)
+        target, source = {"backfill": ("redis", "memory"), "warmup": ("memory", "redis")}.get(direction, (None, None))
+        return self._backends[source] if target is not None and plan.backend == target else None
 
     def start(self) -> None:
         self.shadow.start()
@@ -98,21 +106,46 @@ class StoreRouter:
     def apply_plans(self, plans: Mapping[str, DomainPlan]) -> dict[str, tuple[DomainPlan, DomainPlan]]:
         """Switch to new plans; return ``{domain: (old, new)}`` for the domains that changed.
 
-        A domain whose writes start reaching Redis is backfilled from memory; one whose
-        authority moves back to memory is warmed up from Redis. Redis data is never deleted.
+        A domain whose writes start reaching a backend, or whose authority moves, gets that
+        backend filled from the other in the background (backfill into Redis, warm-up into
+        memory), never overwriting newer values and never deleting anything. Until the copy
+        is done, the keys an operation touches are pulled over first when the backend being
+        filled is the authoritative one.
         """
         with self._lock:
             old = self._binding
+            for domain in self._domains:
+                direction = self._copy_direction(old.plans[domain], plans[domain])
+                if direction is not None:
+                    self._copying[domain] = direction
             new = self._build(plans, old.version + 1)
             self._binding = new
         changed = {d: (old.plans[d], new.plans[d]) for d in self._domains if old.plans[d] != new.plans[d]}
         for domain, (before, after) in changed.items():
-            if "redis" in self._backends and _writes_redis(after) and (
-                    not _writes_redis(before) or (before.backend, after.backend) == ("memory", "redis")):
-                self.reconciler.schedule_copy(domain, "backfill")
-            elif "redis" in self._backends and (before.backend, after.backend) == ("redis", "memory"):
-                self.reconciler.schedule_copy(domain, "warmup")
+            direction = self._copy_direction(before, after)
+            if direction is not None:
+                self.reconciler.schedule_copy(domain, direction)
         return changed
+
+    def _copy_direction(self, before: DomainPlan, after: DomainPlan) -> Optional[str]:
+        if "redis" not in self._backends or before == after:
+            return None
+        if (before.backend, after.backend) == ("redis", "memory"):
+            return "warmup"
+        if (before.backend, after.backend) == ("memory", "redis"):
+            return "backfill"
+        if _writes(after, "redis") and not _writes(before, "redis"):
+            return "backfill"
+        if _writes(after, "memory") and not _writes(before, "memory"):
+            return "warmup"
+        return None
+
+    def _copy_done(self, domain: str) -> None:
+        """A backfill or warm-up finished: stop pulling keys for that domain."""
+        with self._lock:
+            if self._copying.pop(domain, None) is None:
+                return
+            self._binding = self._build(self._binding.plans, self._binding.version + 1)
 
     @property
     def plans(self) -> Mapping[str, DomainPlan]:
@@ -128,13 +161,15 @@ class StoreRouter:
         return self._binding
 
     @contextlib.contextmanager
-    def bound(self) -> Iterator[Binding]:
+    def bound(self, fresh: bool = False) -> Iterator[Binding]:
         """Bind one snapshot for the duration of a request, frame or sweep.
 
-        Nested scopes keep the outer snapshot, so a unit of work never mixes two.
+        Nested scopes keep the outer snapshot, so a unit of work never mixes two; ``fresh``
+        starts a new unit of work inside a long-lived one (each frame of an agent socket,
+        whose upgrade request lasts as long as the connection).
         """
         existing = _current.get()
-        if existing is not None:
+        if existing is not None and not fresh:
             yield existing
             return
         binding = self.snapshot()
@@ -176,5 +211,5 @@ class StoreRouter:
             backend.close()
 
 
-def _writes_redis(plan: DomainPlan) -> bool:
-    return plan.backend == "redis" or plan.secondary == "redis"
+def _writes(plan: DomainPlan, backend: str) -> bool:
+    return backend in (plan.backend, plan.secondary)

@@ -32,6 +32,8 @@ class _Job:
     primary: Any
     other: Store
     read: Callable[[Store], Any]
+    #: The backend the request read from, re-read when the first comparison disagrees.
+    reader: Optional[Store] = None
 
 
 def redact_key(key: Optional[str]) -> Optional[str]:
@@ -66,7 +68,9 @@ def compare(primary: Any, other: Any) -> tuple[str, list[str]]:
 
 class ShadowComparer:
     def __init__(self, observer: StoreObserver, queue_size: int = 1000, sample_size: int = 100,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, rechecks: int = 2, recheck_delay_s: float = 0.02) -> None:
+        self.rechecks = rechecks
+        self.recheck_delay_s = recheck_delay_s
         self._observer = observer
         self._queue: queue.Queue[Optional[_Job]] = queue.Queue(maxsize=queue_size)
         self._mismatches: deque[dict[str, Any]] = deque(maxlen=sample_size)
@@ -87,9 +91,9 @@ class ShadowComparer:
             self._thread = None
 
     def submit(self, domain: str, op: str, key: Optional[str], primary: Any, other: Store,
-               read: Callable[[Store], Any]) -> None:
+               read: Callable[[Store], Any], reader: Optional[Store] = None) -> None:
         try:
-            self._queue.put_nowait(_Job(domain, op, key, primary, other, read))
+            self._queue.put_nowait(_Job(domain, op, key, primary, other, read, reader))
         except queue.Full:
             self._count(domain, SKIPPED)
             self._observer.shadow(domain, SKIPPED, detail="queue_full")
@@ -121,12 +125,20 @@ class ShadowComparer:
 
     def run(self, job: _Job) -> str:
         try:
-            other = job.read(job.other)
+            outcome, fields_ = compare(job.primary, job.read(job.other))
+            for _ in range(self.rechecks if job.reader is not None else 0):
+                if outcome == MATCH:
+                    break
+                # The request may have written the value after reading it (read, then
+                # compare-and-set), and the mirror lands just after the authoritative write:
+                # compare fresh reads of both before calling it a mismatch.
+                time.sleep(self.recheck_delay_s)
+                primary = job.read(job.reader)
+                outcome, fields_ = compare(primary, job.read(job.other))
         except Exception as exc:
             self._count(job.domain, SHADOW_ERROR)
             self._observer.shadow(job.domain, SHADOW_ERROR, detail=type(exc).__name__)
             return SHADOW_ERROR
-        outcome, fields_ = compare(job.primary, other)
         self._count(job.domain, outcome)
         redacted = redact_key(job.key)
         self._observer.shadow(job.domain, outcome, redacted, ",".join(fields_) or None)

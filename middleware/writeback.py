@@ -124,11 +124,13 @@ class Reconciler:
     """Runs write-backs, backfills and warm-ups in one background thread."""
 
     def __init__(self, backends: Mapping[str, Store], journal: WriteBackJournal, observer: StoreObserver,
-                 prefix_of: Callable[[str], str], interval_s: float = 1.0) -> None:
+                 prefix_of: Callable[[str], str], interval_s: float = 1.0,
+                 on_copy_done: Optional[Callable[[str], None]] = None) -> None:
         self._backends = backends
         self.journal = journal
         self._observer = observer
         self._prefix_of = prefix_of
+        self._on_copy_done = on_copy_done
         self._interval_s = interval_s
         self._jobs: list[tuple[str, str]] = []
         self._jobs_lock = threading.Lock()
@@ -212,6 +214,7 @@ class Reconciler:
         if domain in NOT_COPIED:
             progress = CopyProgress(direction, state="done", finished_at=time.time())
             self.progress[domain] = progress
+            self._finished(domain)
             return progress
         source, target = ((self._backends["memory"], self._backends["redis"]) if direction == "backfill"
                           else (self._backends["redis"], self._backends["memory"]))
@@ -236,9 +239,17 @@ class Reconciler:
             progress.state = "done" if progress.errors == 0 else "failed"
         except StoreError as exc:
             progress.state = "failed"
+            with self._jobs_lock:  # the backend went away mid-copy: try again on a later pass
+                self._jobs.append((domain, direction))
             log.error("store copy failed", extra={"event": f"{direction}_failed", "domain": domain,
                                                   "error": type(exc).__name__})
         progress.finished_at = time.time()
         log.info("store copy finished", extra={"event": f"{direction}_finished", "domain": domain,
                                                **progress.as_dict()})
+        if progress.state == "done":
+            self._finished(domain)
         return progress
+
+    def _finished(self, domain: str) -> None:
+        if self._on_copy_done is not None:
+            self._on_copy_done(domain)

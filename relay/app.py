@@ -172,7 +172,7 @@ def create_app(
     register_routes(app)
     register_agent_channel(
         app, sessions, agent_events,
-        frame_scope=router.bound,
+        frame_scope=lambda: router.bound(fresh=True),
         ping_interval_s=settings.agent_ping_interval_ms / 1000,
         max_message_bytes=settings.agent_max_message_bytes,
         idle_timeout_s=settings.agent_idle_timeout_ms / 1000,

@@ -148,16 +148,18 @@ class AgentBus:
         return bool(holder) and holder != self.instance_id and self.connected
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the listener (in the process that serves, i.e. after gunicorn forked the worker)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._publisher = self._client(listener=False)
-        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bus-deliver")
-        self._queues = _SerialQueues(self._pool)
-        self._thread = threading.Thread(target=self._listen, name="agent-bus", daemon=True)
-        self._thread.start()
+    def start(self, wait_s: float = 2.0) -> bool:
+        """Start the listener in the process that serves (after gunicorn forked the worker) and wait up
+        to ``wait_s`` for its subscription, so that agents saying hello here are reachable at once.
+        ``False`` if it is not subscribed yet (Redis down: it keeps trying in the background)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._publisher = self._client(listener=False)
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bus-deliver")
+            self._queues = _SerialQueues(self._pool)
+            self._thread = threading.Thread(target=self._listen, name="agent-bus", daemon=True)
+            self._thread.start()
+        return self._subscribed.wait(wait_s)
 
     def stop(self) -> None:
         """Unsubscribe, fail the deliveries still waiting, and release the connections."""
@@ -223,9 +225,12 @@ class AgentBus:
     def live_instances(self, instance_ids: Iterable[str]) -> set[str]:
         """Those of ``instance_ids`` whose listener is subscribed now; raises ``redis.RedisError``."""
         ids = sorted(set(instance_ids))
-        if not ids or self._publisher is None:
+        publisher = self._publisher
+        if publisher is None:
+            raise redis.ConnectionError("the bus is not started")
+        if not ids:
             return set()
-        counts = dict(self._publisher.pubsub_numsub(*(self.channel_of(i) for i in ids)))
+        counts = dict(publisher.pubsub_numsub(*(self.channel_of(i) for i in ids)))
         return {i for i in ids if int(counts.get(self.channel_of(i), 0)) > 0}
 
     def _publish(self, instance_id: str, message: dict[str, Any]) -> int:
@@ -255,8 +260,10 @@ class AgentBus:
                         self._on_message(message["data"])
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any Redis failure
                 if not self._stop.is_set():
-                    log.warning("bus listener lost Redis (%s); reconnecting in %.1f s", type(exc).__name__,
-                                backoff, extra={"event": "bus_disconnected", "error": type(exc).__name__})
+                    # a lost subscription is a warning; the retries of an outage that goes on are not
+                    level = logging.WARNING if self._subscribed.is_set() else logging.INFO
+                    log.log(level, "bus listener cannot reach Redis (%s); retrying in %.1f s", type(exc).__name__,
+                            backoff, extra={"event": "bus_disconnected", "error": type(exc).__name__})
             finally:
                 self._subscribed.clear()
                 self._fail_pending()
@@ -304,7 +311,8 @@ class AgentBus:
 
     def _client(self, *, listener: bool) -> redis.Redis:
         """A client of its own, never the store's pool. The listener's connection mostly waits (its
-        reads are bounded by ``POLL_S``) and pings Redis every 10 s, so a dead server is noticed."""
+        reads are bounded by ``POLL_S``) and pings Redis every 10 s, so a broken connection is noticed
+        even when no message arrives."""
         return redis.Redis.from_url(
             self._url,
             socket_timeout=self._socket_timeout_s * (5 if listener else 1),

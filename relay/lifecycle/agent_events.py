@@ -4,9 +4,9 @@ Deliberate changes: a socket speaks only for the machine it said hello as
 (heartbeats and results naming another machine are dropped, §13 item 15); a
 result is owned by exactly one handler even when two arrive at once (the
 in-flight record is claimed atomically). A disconnect leaves the machine's
-in-flight commands in flight: the agent may still answer after reconnecting,
-and otherwise the timeout sweep ends them as ``inflight_timeout``, audited and
-notified, so none is lost silently.
+in-flight commands in flight: the agent may still answer after reconnecting
+(to any relay process), and otherwise the timeout sweep ends them as
+``inflight_timeout``, audited and notified, so none is lost silently.
 """
 from __future__ import annotations
 
@@ -106,16 +106,14 @@ class AgentEvents:
         domains = ctx.domains
         ctx.trace(machine_id, "agent->relay", "result_received", commandId=command_id, machineId=machine_id,
                   status=status, detail=clip_for_trace(summary, 180))
-        owner = domains.inflight.claim(command_id)
-        record = None if owner else domains.audit.get(command_id)
+        owner = domains.inflight.get(command_id)
+        record = domains.audit.get(command_id)
         tag = "agent_" + status
-        if owner:
-            changed = True
-        else:
-            changed = (record is None or record.get("summary") != summary or record.get("status") != tag
-                       or not record.get("userId"))
-        notify_user = (owner or {}).get("userId") or (record or {}).get("userId")
-        if not notify_user and changed:
+        differs = (record is None or record.get("summary") != summary or record.get("status") != tag
+                   or not record.get("userId"))
+        user_id = (owner or {}).get("userId") or (record or {}).get("userId")
+        notify_user = user_id
+        if not notify_user and differs:
             recent = domains.audit.list_recent(RECENT_FOR_NOTIFY, machine_id=machine_id)
             notify_user = resolve_machine_notify_user(
                 ctx.settings.machine_bindings, machine_id, [r.get("userId") for r in recent])
@@ -126,8 +124,12 @@ class AgentEvents:
         if locale:
             domains.locale.remember([(owner or {}).get("userId"), (record or {}).get("userId"), notify_user], locale)
 
-        ctx.audit.record(ctx.event(command_id, tag, userId=(owner or {}).get("userId") or (record or {}).get("userId")
-                                   or notify_user, machineId=machine_id, kind=kind, summary=summary))
+        # Audited before the in-flight record is claimed: a process killed in between leaves an answered
+        # command still in flight (the timeout sweep then releases it quietly), never a lost one.
+        ctx.audit.record(ctx.event(command_id, tag, userId=user_id or notify_user, machineId=machine_id, kind=kind,
+                                   summary=summary))
+        owned = owner is not None and domains.inflight.claim(command_id) is not None
+        changed = owned or differs
         if notify_user and changed:
             self.notifier.notify(notify_user, summary, status, command_id=command_id, machine_id=machine_id,
                                  kind=notify_kind)

@@ -168,9 +168,6 @@ class LifecycleContext:
             return record
         return None
 
-    def is_online(self, machine_id: str) -> bool:
-        return self.online_record(machine_id) is not None
-
     def send(self, machine_id: str, frame: dict[str, Any], record: dict[str, Any]) -> bool:
         """Send ``frame`` to the machine ``record`` (from ``online_record``) describes: through the bus
         when another process holds it (``True`` once the holder confirms), else on the local socket."""

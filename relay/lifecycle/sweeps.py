@@ -32,18 +32,27 @@ class Sweeper:
         self._thread: threading.Thread | None = None
 
     def sweep_inflight(self) -> list[str]:
-        """End commands that waited longer than the in-flight timeout; return their ids."""
+        """End commands that waited longer than the in-flight timeout; return their ids.
+
+        The timeout is audited before the record is claimed, so a leader killed in between leaves the
+        command in flight for the next leader rather than lost. A command whose answer is audited
+        already (its handler stopped before claiming it) is released without a timeout.
+        """
         ctx = self.ctx
         now = ctx.clock()
         timed_out = []
         for record in ctx.domains.inflight.list(older_than_ms=now - ctx.settings.inflight_command_timeout_ms):
             command_id = record["commandId"]
-            if ctx.domains.inflight.claim(command_id) is None:
+            audited = ctx.domains.audit.get(command_id)
+            if audited is not None and audited["status"].startswith("agent_"):
+                ctx.domains.inflight.claim(command_id)
                 continue
-            timed_out.append(command_id)
             summary = f"command {command_id} timed out while waiting for agent result"
             ctx.audit.record(ctx.event(command_id, "inflight_timeout", userId=record["userId"],
                                        machineId=record["machineId"], kind=record["kind"]))
+            if ctx.domains.inflight.claim(command_id) is None:
+                continue
+            timed_out.append(command_id)
             ctx.trace(record["machineId"], "relay->agent", "command_timeout_discarded", commandId=command_id,
                       machineId=record["machineId"], userId=record["userId"], kind=record["kind"],
                       status="inflight_timeout", detail=summary)
@@ -76,9 +85,11 @@ class Sweeper:
         """Remove machine records held by processes that are gone (their bus listener is not subscribed).
 
         Their sockets died with them; the agents reconnect to a live process, which writes a new record.
+        Skipped while this process's own bus is down. A holder only cut off from Redis for a moment gets
+        its record back with its agent's next heartbeat.
         """
         ctx = self.ctx
-        if ctx.bus is None:
+        if ctx.bus is None or not ctx.bus.connected:
             return []
         records = ctx.domains.machines.list()
         holders = {r["holder"] for r in records if r.get("holder") and r["holder"] != ctx.instance_id}

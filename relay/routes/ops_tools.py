@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 from flask import Blueprint, Response, stream_with_context
 
 from middleware.observer import DIFFERENT, EXTRA, MATCH, MISSING
+from middleware.routing import StoreRouter
 from middleware.shadow import compare, redact_key
 from middleware.writeback import FAILED, KEPT_NEWER, NOT_COPIED, SKIPPED, WRITTEN, copy_newer
 from relay.routes.app_context import current_relay, query_value
@@ -108,19 +109,20 @@ def compare_key(authoritative: Store, other: Store, key: str, kind: str) -> tupl
 
 
 # -- reconcile ---------------------------------------------------------------------------------------
-def _sides(router: Any, domain: str) -> tuple[str, str]:
+def _sides(router: StoreRouter, domain: str) -> tuple[str, str]:
     """``(authoritative, other)`` backend names of a domain."""
     authoritative = router.plans[domain].backend
     return authoritative, "memory" if authoritative == "redis" else "redis"
 
 
-def reconcile_steps(router: Any, domain: str, repair: bool, limit: int) -> Iterator[Step]:
+def reconcile_steps(router: StoreRouter, domain: str, repair: bool, limit: int) -> Iterator[Step]:
     """Progress steps, then the report, of reconciling ``domain``; ``StoreError`` if a backend fails."""
     auth_name, other_name = _sides(router, domain)
     authoritative, other = router.backends[auth_name], router.backends[other_name]
     prefix = router.prefix_of(domain)
     started = time.monotonic()
-    auth_keys, other_keys = authoritative.scan_keys(prefix), other.scan_keys(prefix)
+    auth_keys = authoritative.scan_keys(prefix)  # type: ignore[attr-defined]
+    other_keys = other.scan_keys(prefix)  # type: ignore[attr-defined]
     keys = sorted(set(auth_keys) | set(other_keys))
     counts = {MATCH: 0, MISSING: 0, EXTRA: 0, DIFFERENT: 0, "skipped": 0}
     differing: list[tuple[str, str, str, list[str]]] = []
@@ -138,7 +140,8 @@ def reconcile_steps(router: Any, domain: str, repair: bool, limit: int) -> Itera
         if step is not None:
             yield step
     report: Step = {
-        "domain": domain, "pid": os.getpid(), "phase": router.plans[domain].phase, "authoritative": auth_name, "other": other_name,
+        "domain": domain, "pid": os.getpid(), "phase": router.plans[domain].phase,
+        "authoritative": auth_name, "other": other_name,
         "keys": len(keys), "authoritativeKeys": len(auth_keys), "otherKeys": len(other_keys),
         "compared": len(keys) - counts["skipped"], **counts,
         "differences": [{"key": redact_key(key), "kind": kind, "outcome": outcome, "fields": fields}
@@ -245,7 +248,7 @@ def backend_inventory(store: Store, domain: str, prefix: str, sample: int) -> St
             "method": "memory_usage" if memory_usage is not None else "payload_length"}
 
 
-def inventory_steps(router: Any, sample: int) -> Iterator[Step]:
+def inventory_steps(router: StoreRouter, sample: int) -> Iterator[Step]:
     """Progress steps, then the inventory of every domain on every backend."""
     domains: dict[str, Any] = {}
     pairs = [(domain, name) for domain in router.plans for name in router.backends]

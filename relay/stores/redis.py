@@ -16,7 +16,15 @@ How a call runs:
 * Each attempt runs inside the circuit breaker. Only connection errors and
   timeouts count as breaker failures: a server that answers with an error
   (WRONGTYPE, OOM) is up. Connection errors, timeouts and an open breaker raise
-  ``StoreUnavailable``; other server errors raise ``StoreError``.
+  ``StoreUnavailable``, and so do writes the server refuses for want of memory
+  (``maxmemory`` with ``noeviction``) or because it is a read-only replica: for
+  the caller they are an outage of writes. Other server errors raise ``StoreError``.
+* Health, for ``degraded`` and ``/ops/store``: whether the last call reached the
+  server, the class of the last failure, and when writes were last refused.
+* Data loss: with ``watch_data_loss`` the store keeps a marker key (a random
+  epoch) and checks it on every new connection and on ``check_data_loss``. A
+  marker gone or changed means the server lost its data (a restart without
+  persistence, a flush); listeners are told once per loss.
 * Atomic helpers are single commands (``SET NX PX``) or Lua scripts, each
   touching one key, so they are Redis Cluster-safe as they are.
 """
@@ -25,7 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar, Union
@@ -55,6 +65,12 @@ T = TypeVar("T")
 ClientFactory = Callable[[], redis.Redis]
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+#: Server answers that refuse a write for a while: handled like an outage, but not a breaker failure.
+_WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+#: How long ``degraded`` stays true after the server last refused a write.
+WRITE_REFUSAL_HOLD_S = 5.0
+
+DataLossListener = Callable[[], None]
 _GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")
 
 # KEYS[1]; ARGV: has_expected ("1"/"0"), expected, value, ttl_ms ("" = none)
@@ -151,6 +167,26 @@ class StoreCounters:
             return dict(self._values)
 
 
+class _Health:
+    """What the last calls said about the server (plain attributes: a stale read is harmless)."""
+
+    def __init__(self) -> None:
+        #: ``None`` until the first call ends; then whether it reached the server.
+        self.reachable: Optional[bool] = None
+        #: Class name of the last failure (never its text, which may name hosts or values).
+        self.last_error: Optional[str] = None
+        self.last_error_at: Optional[float] = None
+        #: ``time.monotonic()`` of the last write the server refused (out of memory, read-only).
+        self.writes_refused_at: Optional[float] = None
+        self.writes_refused = 0
+        self.data_losses = 0
+
+    def failed(self, error: BaseException, reachable: bool) -> None:
+        self.reachable = reachable
+        self.last_error = type(error).__name__
+        self.last_error_at = time.time()
+
+
 def _ttl_arg(ttl_ms: Optional[int]) -> str:
     return "" if ttl_ms is None else str(ttl_ms)
 
@@ -211,8 +247,13 @@ class RedisStore(Store):
         self._deadline_s = op_deadline_ms / 1000.0
         self._max_connections = max_connections
         self.counters = StoreCounters()
+        self._health = _Health()
         self._bound: Optional[_Bound] = None
         self._bind_lock = threading.Lock()
+        self._marker_key: Optional[str] = None
+        self._epoch: Optional[str] = None
+        self._marker_lock = threading.Lock()
+        self._loss_listeners: list[DataLossListener] = []
 
     @classmethod
     def from_client(cls, client: redis.Redis, **kwargs: Any) -> "RedisStore":
@@ -224,6 +265,32 @@ class RedisStore(Store):
     def breaker_state(self) -> str:
         """``"closed"``, ``"open"`` or ``"half-open"``; always ``"closed"`` without a breaker."""
         return pybreaker.STATE_CLOSED if self.breaker is None else self.breaker.current_state
+
+    @property
+    def last_error(self) -> Optional[str]:
+        """Class name of the last failure (``TimeoutError``, ``OutOfMemoryError`` ...), or ``None``."""
+        return self._health.last_error
+
+    @property
+    def degraded(self) -> bool:
+        """The breaker is not closed, the last call did not reach the server, or a write was
+        refused in the last ``WRITE_REFUSAL_HOLD_S`` seconds."""
+        refused_at = self._health.writes_refused_at
+        return (self.breaker_state != pybreaker.STATE_CLOSED or self._health.reachable is False
+                or (refused_at is not None and time.monotonic() - refused_at < WRITE_REFUSAL_HOLD_S))
+
+    def health(self) -> dict[str, Any]:
+        """For ``/ops/store``: reachability, breaker, last failure, refused writes, data losses."""
+        health = self._health
+        return {
+            "degraded": self.degraded,
+            "reachable": health.reachable,
+            "breaker": self.breaker_state,
+            "lastError": health.last_error,
+            "lastErrorAt": None if health.last_error_at is None else round(health.last_error_at, 3),
+            "writesRefused": health.writes_refused,
+            "dataLosses": health.data_losses,
+        }
 
     def parser_name(self) -> str:
         """The RESP parser class of a live pooled connection (``"_HiredisParser"`` with hiredis)."""
@@ -260,6 +327,7 @@ class RedisStore(Store):
                 decode_responses=True,
                 max_connections=self._max_connections,
                 health_check_interval=0,
+                redis_connect_func=self._on_connect,
             )
             if not HIREDIS_AVAILABLE:
                 log.warning("hiredis is not installed: redis-py uses its pure-Python parser")
@@ -292,13 +360,21 @@ class RedisStore(Store):
                 result = self._attempt(op, bound)
         except pybreaker.CircuitBreakerError as exc:
             self.counters.add("errors")
+            self._health.failed(exc, reachable=False)
             raise StoreUnavailable(f"redis circuit breaker is open: {exc}") from exc
         except _TRANSIENT as exc:
             self.counters.add("errors")
+            self._health.failed(exc, reachable=False)
             raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+        self._health.reachable = True
         if type(result) is _Failed:
             self.counters.add("errors")
             error = result.error
+            self._health.failed(error, reachable=True)
+            if isinstance(error, _WRITES_REFUSED):
+                self._health.writes_refused += 1
+                self._health.writes_refused_at = time.monotonic()
+                raise StoreUnavailable(f"redis refuses writes: {type(error).__name__}") from error
             if isinstance(error, redis.RedisError):
                 raise StoreError(f"redis error: {error}") from error
             raise error
@@ -456,6 +532,57 @@ class RedisStore(Store):
     def memory_usage(self, key: str) -> Optional[int]:
         """Bytes Redis attributes to ``key`` (``MEMORY USAGE``, nested values all counted); ``None`` if absent."""
         return self._run(lambda b: b.client.memory_usage(key, samples=0), idempotent=True)
+
+    # -- data loss -------------------------------------------------------------------------------
+    def watch_data_loss(self, marker_key: str, listener: DataLossListener) -> None:
+        """Keep the marker ``marker_key`` and call ``listener`` (quickly: it runs in the thread that
+        noticed, possibly a request's) each time the server is found to have lost its data."""
+        self._marker_key = marker_key
+        self._loss_listeners.append(listener)
+
+    def check_data_loss(self) -> bool:
+        """Look at the marker now; ``True`` when a loss was noticed. Raises ``StoreUnavailable``."""
+        key = self._marker_key
+        if key is None:
+            return False
+        return self._run(lambda b: self._inspect_marker(key, b.client.execute_command), idempotent=False)
+
+    def _on_connect(self, connection: Any) -> None:
+        """redis-py's hook for every new connection: the usual handshake, then the marker. The first
+        command after a loss fails (``ConnectionError``), so it is not decided on the emptied server."""
+        connection.on_connect()
+        key = self._marker_key
+        if key is None:
+            return
+
+        def execute(*args: Any) -> Any:
+            connection.send_command(*args)
+            return connection.read_response()
+
+        if self._inspect_marker(key, execute):
+            raise redis.ConnectionError("redis lost its data; restoring")
+
+    def _inspect_marker(self, key: str, execute: Callable[..., Any]) -> bool:
+        """Adopt the server's epoch; ``True`` when it is not the one this store saw before."""
+        with self._marker_lock:
+            current = execute("GET", key)
+            if current is not None and current == self._epoch:
+                return False
+            if current is None:
+                execute("SET", key, secrets.token_hex(8), "NX")
+                current = execute("GET", key)
+            lost, self._epoch = self._epoch is not None, current
+        if lost:
+            self._health.data_losses += 1
+            log.error("redis lost its data (marker gone or replaced): restoring what this process holds",
+                      extra={"event": "store_data_lost"})
+            for listener in list(self._loss_listeners):
+                try:
+                    listener()
+                except Exception as exc:  # noqa: BLE001 - a listener must not break the connection
+                    log.error("data loss listener failed", extra={"event": "store_data_lost_listener_failed",
+                                                                  "error": type(exc).__name__})
+        return lost
 
     # -- lifecycle -------------------------------------------------------------------------------
     def ping(self) -> bool:

@@ -63,4 +63,12 @@ def test_reads_from_a_backend_that_is_never_written_are_refused() -> None:
 def test_flag_names_cover_every_domain() -> None:
     names = flag_names()
     assert "STORE_PHASE" in names and "STORE_RATELIMIT_SHADOW_SAMPLE_RATE" in names
-    assert len(names) == 7 * (1 + len(DOMAINS))
+    assert len(names) == 8 * (1 + len(DOMAINS))
+
+
+def test_aa_mode_compares_a_backend_with_itself() -> None:
+    plans = resolve_plans({"STORE_SHADOW_COMPARE": "true", "STORE_SHADOW_MODE": "aa"})
+    assert plans["audit"].shadow_mode == "aa" and plans["audit"].shadow_compare and not plans["audit"].dual_write
+    with pytest.raises(FlagError) as info:
+        resolve_plans({"STORE_SHADOW_MODE": "ab"})
+    assert "STORE_SHADOW_MODE" in info.value.errors

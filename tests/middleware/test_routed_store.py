@@ -12,10 +12,13 @@ import pytest
 from config.phases import PRESETS, DomainPlan
 from middleware.breaker import GuardedBreaker
 from middleware.routed_store import RoutedStore
+from middleware.routing import StoreRouter
 from middleware.shadow import ShadowComparer
 from middleware.writeback import Reconciler, WriteBackJournal, copy_newer
+from relay.domains import idempotency
 from relay.stores.base import StoreUnavailable
 from relay.stores.envelope import iso_ms
+from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.support.redisproc import RedisServer
@@ -212,3 +215,82 @@ def test_copy_never_overwrites_a_newer_target(rig: Rig) -> None:
     rig.redis.set(PREFIX + "a", envelope({"v": "new"}, 1001))
     assert copy_newer(rig.memory, rig.redis, PREFIX + "a") == "kept_newer"
     assert json.loads(rig.redis.get(PREFIX + "a"))["data"] == {"v": "new"}
+
+
+# -- switching plans through the router ------------------------------------------------------------
+
+
+def make_router(rig: Rig, phase: str) -> StoreRouter:
+    plans = {name: PRESETS[phase] for name in ("idempotency",)}
+    return StoreRouter(KeySpace("t", "dev"), {"idempotency": idempotency.DOMAIN}, rig.backends, plans,
+                       observer=rig.observer)
+
+
+def reserve(router: StoreRouter, msg_id: str) -> bool:
+    with router.bound():
+        return router.store("idempotency").set_if_absent(msg_id, {"reservedAtMs": 1}, 60_000)
+
+
+def test_rollback_to_memory_sees_reservations_before_the_warmup_finishes(rig: Rig) -> None:
+    router = make_router(rig, "redis-primary")
+    assert reserve(router, "m-1") is True
+    assert rig.memory.scan_keys("") == []
+    router.apply_plans({"idempotency": PRESETS["memory"]})
+    assert reserve(router, "m-1") is False  # pulled from Redis before memory decided
+    assert reserve(router, "m-2") is True
+    router.reconciler.run_once()
+    assert router.reconciler.progress["idempotency"].state == "done"
+    assert router.snapshot().store("idempotency").store._pull_from is None  # type: ignore[attr-defined]
+    assert rig.redis.get("t:dev:idempotency:m-1") is not None  # nothing was flushed
+
+
+def test_jump_to_redis_authority_sees_memory_state_before_the_backfill_finishes(rig: Rig) -> None:
+    router = make_router(rig, "memory")
+    assert reserve(router, "m-1") is True
+    router.apply_plans({"idempotency": PRESETS["redis-primary"]})
+    assert reserve(router, "m-1") is False
+    router.reconciler.run_once()
+    assert router.reconciler.progress["idempotency"].direction == "backfill"
+    assert rig.redis.get("t:dev:idempotency:m-1") is not None
+
+
+def test_mirror_starting_again_warms_memory(rig: Rig) -> None:
+    router = make_router(rig, "redis-primary")
+    reserve(router, "m-1")
+    router.apply_plans({"idempotency": PRESETS["rampdown"]})
+    assert router.reconciler.progress["idempotency"].direction == "warmup"
+    router.reconciler.run_once()
+    assert rig.memory.get("t:dev:idempotency:m-1") == rig.redis.get("t:dev:idempotency:m-1")
+
+
+def test_failed_memory_mirror_under_redis_authority_is_counted(rig: Rig) -> None:
+    full_memory = MemoryStore(max_keys=0)
+    rig.backends["memory"] = full_memory
+    store = rig.routed("redis-read")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1000))
+    assert json.loads(rig.redis.get(PREFIX + "a"))["data"] == {"n": 1}
+    assert full_memory.get(PREFIX + "a") is None
+    assert rig.observer.events["secondary_failure", "set"] == 1
+
+
+def test_a_write_between_read_and_shadow_read_is_not_a_mismatch(rig: Rig) -> None:
+    store = rig.routed("shadow")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1))
+    store.get(PREFIX + "a")  # queued with the old value, as a read before a compare-and-set is
+    store.set(PREFIX + "a", envelope({"n": 2}, 2))
+    rig.shadow.start()
+    rig.shadow.drain()
+    rig.shadow.stop()
+    assert rig.shadow.counts["audit"] == {"match": 1}
+
+
+def test_aa_mode_measures_the_noise_floor_on_one_backend(rig: Rig) -> None:
+    store = rig.routed("memory", shadow_compare=True, shadow_mode="aa")
+    store.set(PREFIX + "a", envelope({"n": 1}, 1))
+    store.get(PREFIX + "a")
+    store.get(PREFIX + "missing")
+    rig.shadow.start()
+    rig.shadow.drain()
+    rig.shadow.stop()
+    assert rig.shadow.counts["audit"] == {"match": 2}
+    assert rig.redis.get(PREFIX + "a") is None

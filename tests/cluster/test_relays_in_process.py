@@ -1,0 +1,195 @@
+"""Two relays in one process on one redis-server, each with its own bus: the lifecycle across processes.
+
+Each ``create_app`` gets its own instance id, so the two relays route to each other exactly as two
+gunicorn workers do, while the test drives agents and the clock directly.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from config.settings import load_settings
+from relay.app import create_app
+from tests.lifecycle.conftest import BASE_ENV, Clock, FakeAgent, RelayHarness
+from tests.support.redisproc import RedisServer
+
+MakePair = Callable[..., tuple[RelayHarness, RelayHarness]]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def frame_kinds(agent: FakeAgent) -> list[str]:
+    return [f["type"] if f["type"] != "relay.trace" else f["trace"]["stage"] for f in agent.frames]
+
+
+@pytest.fixture
+def make_pair(redis_server: RedisServer, tmp_path: Any) -> Iterator[MakePair]:
+    built: list[RelayHarness] = []
+
+    def build(**overrides: str) -> tuple[RelayHarness, RelayHarness]:
+        clock = Clock()
+        env = dict(BASE_ENV, STORE_BACKEND="redis", REDIS_URL=redis_server.url, **overrides)
+        pair = []
+        for name in ("a", "b"):
+            settings = load_settings(dict(env, AUDIT_LOG_PATH=str(tmp_path / f"audit-{name}.jsonl")))
+            harness = RelayHarness(create_app(settings, clock=clock, start_background=False), clock)
+            built.append(harness)
+            assert harness.relay.bus.start(wait_s=5)
+            pair.append(harness)
+        return pair[0], pair[1]
+
+    yield build
+    for harness in built:
+        harness.relay.close()
+
+
+def test_a_callback_on_one_process_reaches_the_agent_held_by_the_other(make_pair: MakePair) -> None:
+    a, b = make_pair()
+    agent = a.connect("m1")
+    ack = b.callback("@dev fix the login bug", machineId="m1").get_json()
+    assert ack["status"] == "sent_to_agent"
+    command_id = ack["commandId"]
+    assert wait_for(lambda: len(agent.frames) == 5)
+    assert frame_kinds(agent) == ["agent_connected", "command_received", "command", "command_dispatched",
+                                  "passive_ack_sent"]
+    assert agent.of_type("command")[0]["command"]["commandId"] == command_id
+    assert [i["commandId"] for i in a.client.get("/inflight").get_json()["items"]] == [command_id]
+
+    a.result(agent, command_id, "ok", "Patch generated successfully")
+    for relay in (a, b):
+        assert relay.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
+        assert relay.client.get("/inflight").get_json() == {"items": []}
+    assert b.callback("@dev status", machineId="m1").get_json()["locale"] == "en"
+
+
+def test_cancel_and_retry_reach_an_agent_held_elsewhere(make_pair: MakePair) -> None:
+    a, b = make_pair()
+    agent = a.connect("m1")
+    command_id = a.callback("@dev fix it", machineId="m1").get_json()["commandId"]
+    reply = b.client.post(f"/commands/{command_id}/cancel")
+    assert reply.get_json() == {"status": "cancel_sent", "commandId": command_id}
+    assert agent.of_type("command.cancel")[0]["commandId"] == command_id
+
+    retried = b.client.post(f"/commands/{command_id}/retry").get_json()
+    assert retried["status"] == "retried_sent"
+    assert agent.of_type("command")[-1]["command"]["commandId"] == retried["commandId"]
+    assert a.statuses(retried["commandId"]) == ["retried_created", "sent_to_agent"]
+
+
+def test_a_gone_holder_ends_commands_as_machine_offline(make_pair: MakePair) -> None:
+    a, b = make_pair()
+    agent = a.connect("m1")
+    inflight_id = b.callback("@dev first", machineId="m1").get_json()["commandId"]
+    a.relay.bus.stop()
+    ack = b.callback("@dev second", machineId="m1").get_json()
+    assert ack["status"] == "machine_offline"
+    assert b.statuses(ack["commandId"]) == ["created", "machine_offline"]
+    assert [i["commandId"] for i in b.client.get("/inflight").get_json()["items"]] == [inflight_id]
+    reply = b.client.post(f"/commands/{inflight_id}/cancel")
+    assert (reply.status_code, reply.get_json()) == (409, {"error": "machine_offline"})
+    assert b.statuses(inflight_id)[-1] == "cancel_failed_machine_offline"
+    assert b.client.post(f"/commands/{inflight_id}/retry").status_code == 409
+    assert len(agent.of_type("command")) == 1
+
+
+def test_one_process_leads_the_sweeps_and_another_takes_over(make_pair: MakePair) -> None:
+    a, b = make_pair(SWEEP_INTERVAL_MS="100")
+    a.connect("m1")
+    command_id = a.callback("@dev fix", machineId="m1").get_json()["commandId"]
+    a.clock.advance(a.relay.settings.inflight_command_timeout_ms + 1)
+    assert a.relay.sweeper.run_once() is True
+    assert b.relay.sweeper.run_once() is False
+    assert a.statuses(command_id)[-1] == "inflight_timeout"
+
+    a.connect("m1")  # the clock moved past the heartbeat timeout: a fresh hello
+    second = a.callback("@dev again", machineId="m1").get_json()["commandId"]
+    a.clock.advance(a.relay.settings.inflight_command_timeout_ms + 1)
+    assert b.relay.sweeper.run_once() is False
+    assert b.statuses(second)[-1] == "sent_to_agent"
+    # the leader stops extending (as if it died): the lease expires and the other process takes over
+    assert wait_for(b.relay.sweeper.run_once, timeout_s=5)
+    assert b.statuses(second)[-1] == "inflight_timeout"
+    assert a.relay.sweeper.run_once() is False
+    b.relay.sweeper.stop()
+    assert a.relay.sweeper.run_once() is True
+
+
+def test_the_leader_removes_machine_records_of_gone_processes(make_pair: MakePair) -> None:
+    a, b = make_pair()
+    a.connect("m1")
+    b.connect("m2")
+    machines = lambda: [m["machineId"] for m in b.client.get("/machines").get_json()["items"]]  # noqa: E731
+    assert machines() == ["m1", "m2"]
+    b.relay.sweeper.run_once()
+    assert machines() == ["m1", "m2"]
+    a.relay.bus.stop()
+    b.relay.sweeper.run_once()
+    assert machines() == ["m2"]
+
+
+def test_a_socket_superseded_on_another_process_is_closed(make_pair: MakePair) -> None:
+    a, b = make_pair(SWEEP_INTERVAL_MS="1000")
+    old = a.connect("m1")
+    new = b.connect("m1")
+    assert a.relay.sweeper.sweep_stale_sessions() == []  # within the grace period of its hello
+    a.clock.advance(a.relay.settings.sweep_interval_ms)
+    assert a.relay.sweeper.sweep_stale_sessions() == ["m1"]
+    assert old.closed and not new.closed
+    a.frame(lambda: a.relay.agent_events.on_disconnect(old))
+    assert [m["machineId"] for m in a.client.get("/machines").get_json()["items"]] == ["m1"]
+    assert a.callback("@dev status", machineId="m1").get_json()["status"] == "sent_to_agent"
+    assert len(new.of_type("command")) == 1 and not old.of_type("command")
+
+
+def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_out(
+        make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_pair()
+    agent = a.connect("m1")
+    command_id = b.callback("@dev fix", machineId="m1").get_json()["commandId"]
+    inflight = a.relay.agent_events.ctx.domains.inflight
+
+    def killed(_command_id: str) -> None:
+        raise SystemExit("killed between audit and claim")
+
+    monkeypatch.setattr(inflight, "claim", killed)
+    with pytest.raises(SystemExit):
+        a.result(agent, command_id, "ok", "finished")
+    monkeypatch.undo()
+    assert a.statuses(command_id)[-1] == "agent_ok"
+    assert [i["commandId"] for i in b.client.get("/inflight").get_json()["items"]] == [command_id]
+
+    b.clock.advance(b.relay.settings.inflight_command_timeout_ms + 1)
+    assert b.relay.sweeper.sweep_inflight() == []
+    assert b.client.get("/inflight").get_json() == {"items": []}
+    assert b.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
+
+
+def test_a_timeout_audited_by_a_leader_that_died_before_claiming_is_finished_by_the_next(
+        make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_pair()
+    a.connect("m1")
+    command_id = a.callback("@dev fix", machineId="m1").get_json()["commandId"]
+    a.clock.advance(a.relay.settings.inflight_command_timeout_ms + 1)
+    inflight = a.relay.agent_events.ctx.domains.inflight
+
+    def killed(_command_id: str) -> None:
+        raise SystemExit("killed between audit and claim")
+
+    monkeypatch.setattr(inflight, "claim", killed)
+    with pytest.raises(SystemExit):
+        a.frame(a.relay.sweeper.sweep_inflight)
+    monkeypatch.undo()
+    assert [i["commandId"] for i in b.client.get("/inflight").get_json()["items"]] == [command_id]
+    assert b.frame(b.relay.sweeper.sweep_inflight) == [command_id]
+    assert b.statuses(command_id) == ["created", "sent_to_agent", "inflight_timeout"]
+    assert b.client.get("/inflight").get_json() == {"items": []}
