@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from bench import store
+from bench import audit, callbacks, store
 
 Section = Callable[[], dict[str, Any]]
 
 SECTIONS: list[tuple[str, Section]] = [
     ("store", store.run),
+    ("callbacks", callbacks.run),
+    ("audit", audit.run),
 ]
 
 

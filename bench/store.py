@@ -1,4 +1,5 @@
-"""Store benchmark: per-call latency of MemoryStore, RedisStore and raw redis-py, and
+"""Store benchmark: per-call latency of MemoryStore, RedisStore and raw redis-py (get, set, reserve,
+index add, newest 50 of a 1000-member index), and
 8-thread throughput of RedisStore with and without its circuit breaker.
 
 Everything runs against one private redis-server on a free loopback port,
@@ -27,7 +28,11 @@ from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.support.redisproc import RedisServer
 
-OPS = ("get", "set", "set_if_absent")
+OPS = ("get", "set", "set_if_absent", "index_add", "index_range")
+#: The index ``index_range`` reads (newest 50 of ``INDEX_SIZE``) and the one ``index_add`` re-scores into.
+RANGE_INDEX = "bench:range"
+ADD_INDEX = "bench:add"
+INDEX_SIZE = 1000
 SAMPLES_PER_ROUND = 1000
 ROUNDS = 4
 WARMUP = 300
@@ -63,6 +68,8 @@ def _store_calls(store: Store) -> dict[str, Call]:
         "get": lambda key: store.get(key),
         "set": lambda key: store.set(key, VALUE),
         "set_if_absent": lambda key: store.set_if_absent(key, VALUE, TTL_MS),
+        "index_add": lambda key: store.index_add(ADD_INDEX, {key: 1.0}),
+        "index_range": lambda key: store.index_range(RANGE_INDEX, limit=50),
     }
 
 
@@ -71,6 +78,9 @@ def _raw_calls(client: redis.Redis) -> dict[str, Call]:
         "get": lambda key: client.get(key),
         "set": lambda key: client.set(key, VALUE),
         "set_if_absent": lambda key: client.set(key, VALUE, nx=True, px=TTL_MS),
+        "index_add": lambda key: client.zadd(ADD_INDEX, {key: 1.0}),
+        "index_range": lambda key: client.zrevrangebyscore(RANGE_INDEX, "+inf", "-inf", start=0, num=50,
+                                                           withscores=True),
     }
 
 
@@ -214,6 +224,7 @@ def run() -> dict[str, Any]:
         guarded = redis_store(GuardedBreaker(fail_max=5, reset_timeout=30))
         try:
             raw.set("bench:get", VALUE)
+            raw.zadd(RANGE_INDEX, _index_members())
             info = raw.info("server")
             print(
                 f"redis-server {info['redis_version']} on {server.url}, parser {guarded.parser_name()}, "
@@ -269,4 +280,9 @@ def run() -> dict[str, Any]:
 def _prefilled_memory_store() -> MemoryStore:
     store = MemoryStore()
     store.set("bench:get", VALUE)
+    store.index_add(RANGE_INDEX, _index_members())
     return store
+
+
+def _index_members() -> dict[str, float]:
+    return {f"member-{i:05d}": float(i) for i in range(INDEX_SIZE)}

@@ -15,6 +15,7 @@ import marshmallow
 from marshmallow import fields
 
 from config.phases import DomainPlan, FlagError, resolve_plans
+from config.redis_target import RedisTargetError, resolve_redis_url
 
 PLACEHOLDER = "__SET_IN_USER_ENV__"
 DEFAULT_CALLBACK_PATH = "/wecom/callback"
@@ -173,6 +174,10 @@ class EnvSchema(marshmallow.Schema):
     wecom_passive_reply = EnvText(data_key="WECOM_PASSIVE_REPLY", load_default="")
     wecom_api_base_url = EnvText(data_key="WECOM_API_BASE_URL", load_default="https://qyapi.weixin.qq.com")
     admin_token = EnvText(data_key="RELAY_ADMIN_TOKEN", load_default=None)
+    agent_auth_token = EnvText(data_key="AGENT_AUTH_TOKEN", load_default=None)
+    agent_tokens = EnvText(data_key="AGENT_TOKENS", load_default="")
+    callback_secret = EnvText(data_key="CALLBACK_SHARED_SECRET", load_default=None)
+    wecom_timestamp_tolerance_s = EnvInt(0, 7 * 86400, data_key="WECOM_TIMESTAMP_TOLERANCE_S", load_default=300)
     result_webhook_url = EnvText(data_key="RESULT_WEBHOOK_URL", load_default=None)
     audit_log_path = EnvText(data_key="AUDIT_LOG_PATH", load_default="audit/relay-command-events.jsonl")
     audit_max_records = EnvInt(1, data_key="AUDIT_MAX_RECORDS", load_default=2000)
@@ -196,6 +201,11 @@ class EnvSchema(marshmallow.Schema):
     audit_index_mode = EnvText(data_key="AUDIT_INDEX_MODE", load_default=None)
     redis_url = EnvText(data_key="REDIS_URL", load_default=None)
     redis_prefix = EnvText(data_key="REDIS_PREFIX", load_default=None)
+    redis_sentinels = EnvText(data_key="REDIS_SENTINELS", load_default=None)
+    redis_sentinel_master = EnvText(data_key="REDIS_SENTINEL_MASTER", load_default=None)
+    redis_cluster = EnvBool(data_key="REDIS_CLUSTER", load_default=None)
+    redis_wait_replicas = EnvInt(0, 16, data_key="REDIS_WAIT_REPLICAS", load_default=0)
+    redis_wait_timeout_ms = EnvInt(1, 60000, data_key="REDIS_WAIT_TIMEOUT_MS", load_default=100)
     store_app = EnvSegment(data_key="STORE_APP", load_default=None)
     store_env = EnvSegment(data_key="STORE_ENV", load_default="dev")
     store_max_value_bytes = EnvInt(1024, data_key="STORE_MAX_VALUE_BYTES", load_default=1024 * 1024)
@@ -233,6 +243,14 @@ class Settings:
     wecom_passive_reply: bool = True
     wecom_api_base_url: str = "https://qyapi.weixin.qq.com"
     admin_token: Optional[str] = None
+    #: ``AGENT_AUTH_TOKEN``: one token any agent may present (relay/agents/auth.py).
+    agent_auth_token: Optional[str] = None
+    #: ``AGENT_TOKENS``: ``machine:token`` pairs; a listed machine must present its own token.
+    agent_tokens: Mapping[str, str] = field(default_factory=dict)
+    #: ``CALLBACK_SHARED_SECRET``: required (``x-callback-secret``) on callbacks WeCom did not sign.
+    callback_secret: Optional[str] = None
+    #: ``WECOM_TIMESTAMP_TOLERANCE_S``: how far a signed request's timestamp may be from now; 0 = unchecked.
+    wecom_timestamp_tolerance_s: int = 300
     result_webhook_url: Optional[str] = None
     audit_log_path: str = "audit/relay-command-events.jsonl"
     audit_max_records: int = 2000
@@ -264,6 +282,9 @@ class Settings:
     redis_breaker_reset_timeout_ms: int = 5000
     redis_init_timeout_ms: int = 8000
     redis_close_timeout_ms: int = 1500
+    #: ``REDIS_WAIT_REPLICAS``: replicas that must acknowledge correctness-critical writes (0 = off).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 100
     machine_ttl_ms: int = 90000
     inflight_ttl_ms: int = 1800000
     relay_workers: int = 1
@@ -319,6 +340,17 @@ def parse_machine_bindings(raw: str) -> dict[str, str]:
     return bindings
 
 
+def parse_agent_tokens(raw: str) -> dict[str, str]:
+    """``machine:token`` pairs separated by commas; the token is what follows the last ``:``."""
+    tokens: dict[str, str] = {}
+    for pair in raw.split(","):
+        machine, sep, token = pair.strip().rpartition(":")
+        machine, token = machine.strip(), token.strip()
+        if sep and machine and token:
+            tokens[machine] = token
+    return tokens
+
+
 def _passive_reply(raw: str) -> bool:
     return raw.strip().lower() not in {"0", "false", "no", "off"}
 
@@ -368,10 +400,17 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     except marshmallow.ValidationError as exc:
         raise ConfigError(_format_errors(exc.messages)) from None
 
+    try:
+        redis_url = resolve_redis_url(normalize_secret(values["redis_url"]), normalize_secret(values["redis_sentinels"]),
+                                      normalize_secret(values["redis_sentinel_master"]), values["redis_cluster"])
+    except RedisTargetError as exc:
+        raise ConfigError(_format_errors({exc.variable: str(exc)})) from None
+    values["redis_url"] = redis_url
     backend, audit_backend = _store_backend(values)
-    redis_url = normalize_secret(values["redis_url"])
-    if redis_url and not re.match(r"^(redis|rediss|unix)://", redis_url):
-        raise ConfigError(_format_errors({"REDIS_URL": "accepts redis://, rediss:// or unix:// URLs"}))
+    if values["redis_wait_replicas"] and values["redis_wait_timeout_ms"] >= values["redis_socket_timeout_ms"]:
+        raise ConfigError(_format_errors({"REDIS_WAIT_TIMEOUT_MS": (
+            f"must be less than REDIS_SOCKET_TIMEOUT_MS ({values['redis_socket_timeout_ms']}): "
+            "the server holds the reply that long")}))
 
     agent_id_raw = normalize_secret(values["wecom_agent_id"])
     if agent_id_raw is not None and not re.fullmatch(r"\d+", agent_id_raw):
@@ -420,6 +459,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         wecom_passive_reply=_passive_reply(values["wecom_passive_reply"]),
         wecom_api_base_url=values["wecom_api_base_url"].rstrip("/"),
         admin_token=normalize_secret(values["admin_token"]),
+        agent_auth_token=normalize_secret(values["agent_auth_token"]),
+        agent_tokens=parse_agent_tokens(values["agent_tokens"]),
+        callback_secret=normalize_secret(values["callback_secret"]),
+        wecom_timestamp_tolerance_s=values["wecom_timestamp_tolerance_s"],
         result_webhook_url=normalize_secret(values["result_webhook_url"]),
         audit_log_path=values["audit_log_path"],
         audit_max_records=values["audit_max_records"],
@@ -451,6 +494,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         redis_breaker_reset_timeout_ms=values["redis_breaker_reset_timeout_ms"],
         redis_init_timeout_ms=values["redis_init_timeout_ms"],
         redis_close_timeout_ms=values["redis_close_timeout_ms"],
+        redis_wait_replicas=values["redis_wait_replicas"],
+        redis_wait_timeout_ms=values["redis_wait_timeout_ms"],
         machine_ttl_ms=values["redis_machine_ttl_ms"] or heartbeat * 2,
         inflight_ttl_ms=values["redis_inflight_ttl_ms"] or max(inflight_timeout * 2, 1800000),
         relay_workers=values["relay_workers"],

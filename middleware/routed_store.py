@@ -4,7 +4,15 @@
   A failed authoritative write skips the mirror (counted); with Redis
   authoritative and fallback on, it is served by memory instead (counted) and
   journalled for write-back once Redis is healthy. A failed mirror write is
-  counted and never fails the caller.
+  counted, journalled for repair from the authoritative backend, and never fails
+  the caller. A reservation (``set_if_absent``) on Redis that fails without a
+  fallback is journalled to be undone, since Redis may have applied it; a delete
+  that fails there is journalled to be done once Redis answers.
+* Read repair: an operation on Redis first settles the journalled work of the
+  keys it touches (and, while a backfill runs, pulls them over from memory); if
+  that fails, the operation fails like Redis failing (fallback or error), so
+  between Redis coming back and the next reconciler pass nothing is decided on
+  Redis without the writes it missed (no msgId dispatched twice).
 * Reads come from the preferred backend; a Redis failure with fallback on is
   served by memory (counted). Sampled reads are compared with the other backend
   off the request path (``middleware.shadow``).
@@ -25,8 +33,17 @@ import pybreaker
 from config.phases import DomainPlan
 from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver
 from middleware.shadow import ShadowComparer
-from middleware.writeback import WriteBackJournal, copy_newer
-from relay.stores.base import Store, StoreError
+from middleware.unit_of_work import RECORDER, current
+from middleware.writeback import (
+    REPAIR_MEMORY,
+    REPAIR_REDIS,
+    WriteBackJournal,
+    copy_newer,
+    forget,
+    settle_all,
+    undo,
+)
+from relay.stores.base import CounterGuard, Op, Store, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -67,21 +84,75 @@ class RoutedStore(Store):
         self._journal = journal
         self._sample = sample
         self._pull_from = pull_from
+        #: Redis calls may share round trips within a unit of work (``middleware.unit_of_work``): Redis
+        #: decides and serves everything, nothing is mirrored, copied or shadow-read.
+        self.batching = (plan.backend == "redis" and plan.read_preference == "redis" and plan.secondary is None
+                         and pull_from is None and self._shadow is None)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _pull(self, *keys: str) -> None:
         """While a backfill or warm-up of this domain runs, bring each key an operation touches
         over from the backend being copied, before the operation decides anything. So a
         reservation made before the switch is still seen (no msgId dispatched twice) and a
-        compare-and-set finds the record it read."""
-        if self._pull_from is None:
+        compare-and-set finds the record it read. Into Redis this happens in ``_prepared``,
+        as part of the Redis call."""
+        if self._pull_from is None or self._auth.backend_name == "redis":
             return
         for key in keys:
             try:
                 copy_newer(self._pull_from, self._auth, key)
             except StoreError:
                 self._observer.fallback(self.domain, "pull", "read")
+
+    def _prepared(self, backend: Store, keys: Sequence[str], fn: Callable[[Store], T]) -> Callable[[Store], T]:
+        """``fn``, preceded by settling the keys' journalled work aimed at ``backend`` and, on Redis
+        while a backfill runs, by pulling them over from memory. A failure there is the call's failure.
+
+        Settling first, and waiting for a settle already running elsewhere (the reconciler), keeps a
+        repair from resurrecting a key this call deletes, and a decision on Redis from missing a write
+        made during a fallback. It happens also while the breaker reads "open": once its reset
+        timeout has passed the next call is let through as the half-open trial, and while it refuses,
+        settling is refused at once too (no network) and the call fails over as it would have."""
+        if not keys:
+            return fn
+        repair = self._journal is not None and self._journal.has(self.domain)
+        pull = backend.backend_name == "redis" and self._pull_from is not None and self._pull_from is not backend
+        if not (repair or pull):
+            return fn
+
+        def prepared(store: Store) -> T:
+            if repair:
+                self._settle(keys, backend.backend_name)
+            if pull:
+                for key in keys:
+                    copy_newer(self._pull_from, store, key)  # type: ignore[arg-type]
+            return fn(store)
+
+        return prepared
+
+    def _settle(self, keys: Sequence[str], target: str) -> None:
+        """Carry out the journalled tasks of ``keys`` aimed at backend ``target`` now; raise
+        ``StoreUnavailable`` (the tasks left kept) when one fails."""
+        journal = self._journal
+        assert journal is not None
+        for key in keys:
+            try:
+                tasks = journal.claim(self.domain, key, target=target)
+            except TimeoutError as exc:
+                raise StoreUnavailable(str(exc)) from exc
+            if not tasks:
+                continue
+            done, left = settle_all(self._backends, key, tasks)
+            journal.release(self.domain, key, left)
+            for outcome in done:
+                self._observer.writeback(self.domain, outcome)
+            if left:
+                raise StoreUnavailable("journalled work on this key could not be carried out")
+
     def _call(self, backend: Store, op: str, fn: Callable[[Store], T]) -> T:
+        unit = current() if self.batching and backend is self._auth else None
+        if unit is not None:
+            return unit.run(self, backend, op, fn(RECORDER))  # type: ignore[arg-type]
         start = time.perf_counter()
         try:
             result = fn(backend)
@@ -91,13 +162,57 @@ class RoutedStore(Store):
         self._observer.operation(self.domain, backend.backend_name, op, OK, time.perf_counter() - start)
         return result
 
+    # -- what the unit of work asks -----------------------------------------------------------------
+    @property
+    def batch_backend(self) -> Store:
+        return self._auth
+
+    @property
+    def fallback_to_memory(self) -> bool:
+        return self._can_fall_back(self._auth)
+
+    def report(self, op: str, error: Optional[StoreError], seconds: float) -> None:
+        """One call of a round trip the unit of work made for this store."""
+        outcome = OK if error is None else classify(error)
+        self._observer.operation(self.domain, self._auth.backend_name, op, outcome, seconds)
+
+    def fall_back(self, op: str, call: Op) -> bool:
+        """A deferred write whose round trip failed: write it to memory and journal it, when this
+        domain may fall back; ``False`` when it may not."""
+        if not self.fallback_to_memory:
+            return False
+        self._observer.fallback(self.domain, op, "write")
+        self._call(self._memory, op, call.run)  # type: ignore[arg-type]
+        if self._journal is not None:
+            self._journal.record(self.domain, call.keys())
+        return True
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        unit = current() if self.batching else None
+        if unit is not None:
+            for key in keys:
+                unit.prefetch(self, key)
+
+    def defer(self, op: Op) -> None:
+        unit = current() if self.batching else None
+        if unit is None:
+            super().defer(op)
+        else:
+            unit.defer(self, op.name, op)
+
+    def flush(self) -> None:
+        unit = current() if self.batching else None
+        if unit is not None:
+            unit.flush()
+
     def _can_fall_back(self, backend: Store) -> bool:
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)
 
-    def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None) -> T:
+    def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None,
+              keys: Sequence[str] = ()) -> T:
         try:
-            result = self._call(self._reader, op, fn)
+            result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
         except StoreError:
             if not self._can_fall_back(self._reader):
                 raise
@@ -115,8 +230,9 @@ class RoutedStore(Store):
     def _write(self, op: str, fn: Callable[[Store], T], mirror: Optional[Callable[[Store, T], Any]] = None,
                keys: Iterable[str] = ()) -> T:
         """Run ``fn`` on the authoritative backend, then ``mirror`` (default: ``fn``) on the other."""
+        keys = list(keys)
         try:
-            result = self._call(self._auth, op, fn)
+            result = self._call(self._auth, op, self._prepared(self._auth, keys, fn))
         except StoreError:
             if self._secondary is not None:
                 self._observer.secondary_skipped(self.domain, op)
@@ -129,23 +245,24 @@ class RoutedStore(Store):
             return result
         if self._secondary is not None:
             try:
-                if mirror is None:
-                    self._call(self._secondary, op, fn)
-                else:
-                    self._call(self._secondary, op, lambda s: mirror(s, result))
+                mirrored = fn if mirror is None else (lambda s: mirror(s, result))
+                self._call(self._secondary, op, self._prepared(self._secondary, keys, mirrored))
             except (StoreError, ValueError):
                 self._observer.secondary_failure(self.domain, op)
+                if self._journal is not None:
+                    repair = REPAIR_REDIS if self._secondary.backend_name == "redis" else REPAIR_MEMORY
+                    self._journal.record(self.domain, keys, repair)
         return result
 
     # -- plain values -----------------------------------------------------------------------------
     def get(self, key: str) -> Optional[str]:
         self._pull(key)
-        return self._read("get", lambda s: s.get(key), key)
+        return self._read("get", lambda s: s.get(key), key, [key])
 
     def mget(self, keys: Sequence[str]) -> list[Optional[str]]:
         keys = list(keys)
         self._pull(*keys)
-        return self._read("mget", lambda s: s.mget(keys), ",".join(keys[:1]))
+        return self._read("mget", lambda s: s.mget(keys), ",".join(keys[:1]), keys)
 
     def ttl_ms(self, key: str) -> Optional[int]:
         return self._read("ttl", lambda s: s.ttl_ms(key))
@@ -158,7 +275,14 @@ class RoutedStore(Store):
         self._write("mset", lambda s: s.mset(items, ttl_ms), keys=list(items))
 
     def delete(self, *keys: str) -> int:
-        return self._write("delete", lambda s: s.delete(*keys), keys=keys)
+        try:
+            return self._write("delete", lambda s: s.delete(*keys), keys=keys)
+        except StoreUnavailable:
+            # The caller wanted these keys gone (a released reservation, an untracked command): delete
+            # them once Redis answers, unless they were written again after this.
+            if self._journal is not None and self._auth.backend_name == "redis":
+                self._journal.record(self.domain, keys, forget(int(time.time() * 1000)))
+            raise
 
     # -- atomic helpers: decided by the authoritative backend, mirrored as plain writes ------------
     def set_if_absent(self, key: str, value: str, ttl_ms: Optional[int] = None) -> bool:
@@ -167,7 +291,14 @@ class RoutedStore(Store):
             if won:
                 s.set(key, value, ttl_ms)
 
-        return self._write("set_if_absent", lambda s: s.set_if_absent(key, value, ttl_ms), mirror, [key])
+        try:
+            return self._write("set_if_absent", lambda s: s.set_if_absent(key, value, ttl_ms), mirror, [key])
+        except StoreUnavailable:
+            # Redis may have applied the reservation before its answer was lost: undo it once Redis
+            # answers (only while it holds this very value), so the sender's retry is processed.
+            if self._journal is not None and self._auth.backend_name == "redis":
+                self._journal.record(self.domain, [key], undo(value))
+            raise
 
     def compare_and_set(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int] = None) -> bool:
         self._pull(key)
@@ -207,7 +338,8 @@ class RoutedStore(Store):
     def index_range(self, key: str, limit: Optional[int] = None, newest_first: bool = True,
                     min_score: Optional[float] = None, max_score: Optional[float] = None) -> list[tuple[str, float]]:
         self._pull(key)
-        return self._read("index_range", lambda s: s.index_range(key, limit, newest_first, min_score, max_score), key)
+        return self._read("index_range", lambda s: s.index_range(key, limit, newest_first, min_score, max_score), key,
+                          [key])
 
     def index_remove(self, key: str, members: Iterable[str]) -> int:
         members = list(members)
@@ -222,6 +354,37 @@ class RoutedStore(Store):
                 s.index_remove(key, dropped)
 
         return self._write("index_trim", lambda s: s.index_trim(key, max_size), mirror, [key])
+
+    # -- compound operations ------------------------------------------------------------------------
+    def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
+                         record_prefix: str) -> list[str]:
+        members = dict(members)
+        return self._write("index_add_capped",
+                           lambda s: s.index_add_capped(key, members, max_size, record_prefix), keys=[key])
+
+    def guarded_reserve(self, guard: CounterGuard, key: str, value: str, ttl_ms: Optional[int] = None,
+                        counter: Optional[Store] = None) -> tuple[int, bool]:
+        """One call to the authoritative backend when the counter's domain is served like this one
+        (same backend, both batching, same fallback), else the hit and the reservation one after the
+        other, each by its own domain's rules."""
+        other = counter if isinstance(counter, RoutedStore) and counter is not self else None
+        together = other is None or (other.batching and self.batching and other._auth is self._auth
+                                     and other.fallback_to_memory == self.fallback_to_memory)
+        if not together or not getattr(self._auth, "cross_slot_scripts", True):
+            return super().guarded_reserve(guard, key, value, ttl_ms, counter)
+        # Reported as what each domain did: the counter's "incr" and this domain's "set_if_absent".
+        started = time.perf_counter()
+        try:
+            result = self._write("set_if_absent", lambda s: s.guarded_reserve(guard, key, value, ttl_ms), keys=[key])
+        except StoreError as exc:
+            if other is not None:
+                other.report("incr", exc, time.perf_counter() - started)
+            if isinstance(exc, StoreUnavailable) and self._journal is not None and self._auth.backend_name == "redis":
+                self._journal.record(self.domain, [key], undo(value))
+            raise
+        if other is not None:
+            other.report("incr", None, time.perf_counter() - started)
+        return result
 
     # -- lifecycle --------------------------------------------------------------------------------
     def ping(self) -> bool:

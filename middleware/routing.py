@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from config.phases import DomainPlan
+from middleware import unit_of_work
 from middleware.observer import NullObserver, StoreObserver
 from middleware.routed_store import RoutedStore
 from middleware.shadow import ShadowComparer
@@ -140,6 +141,21 @@ class StoreRouter:
             return "warmup"
         return None
 
+    def redis_data_lost(self) -> list[str]:
+        """Redis lost its data: refill it from memory for every domain that keeps a full copy there
+        (dual-written, so memory holds every write). Until each backfill is done, the keys an
+        operation touches are pulled over first where Redis is authoritative, so a reservation or a
+        record made before the loss is still seen. Return the domains being refilled; the others
+        (``redis-primary``) have no second copy in this process."""
+        with self._lock:
+            domains = [d for d, plan in self._binding.plans.items() if plan.dual_write]
+            for domain in domains:
+                self._copying[domain] = "backfill"
+            self._binding = self._build(self._binding.plans, self._binding.version + 1)
+        for domain in domains:
+            self.reconciler.schedule_copy(domain, "backfill")
+        return domains
+
     def _copy_done(self, domain: str) -> None:
         """A backfill or warm-up finished: stop pulling keys for that domain."""
         with self._lock:
@@ -166,7 +182,8 @@ class StoreRouter:
 
         Nested scopes keep the outer snapshot, so a unit of work never mixes two; ``fresh``
         starts a new unit of work inside a long-lived one (each frame of an agent socket,
-        whose upgrade request lasts as long as the connection).
+        whose upgrade request lasts as long as the connection). Each scope has its
+        ``middleware.unit_of_work.UnitOfWork``, flushed when the scope ends.
         """
         existing = _current.get()
         if existing is not None and not fresh:
@@ -174,10 +191,14 @@ class StoreRouter:
             return
         binding = self.snapshot()
         token = _current.set(binding)
+        unit = unit_of_work.begin()
         try:
             yield binding
         finally:
-            _current.reset(token)
+            try:
+                unit_of_work.end(unit)
+            finally:
+                _current.reset(token)
 
     def store(self, domain: str) -> DomainStore:
         """The bound store for ``domain``; outside any scope, the current snapshot's."""

@@ -1,8 +1,16 @@
 """Copying state between backends without ever overwriting a newer value.
 
-* ``WriteBackJournal``: keys written to memory while Redis was authoritative but
-  failing (fallback writes). Once Redis answers again they are copied back, so
-  reads after recovery see them.
+* ``WriteBackJournal``: keys with pending work once Redis answers again, each with
+  its ``Task``: written to memory while Redis was authoritative but failing
+  (fallback writes, copied back so reads after recovery see them); a mirror write
+  that failed (memory authoritative and the Redis copy failed, or the inverse),
+  repaired from the authoritative backend, deletions included; a reservation
+  whose answer was lost with no fallback (undone, only if it holds exactly the
+  value that request tried to write, so the sender's retry is processed); and a
+  delete that failed with no fallback (done later, unless the value was written
+  after the delete was asked for), so a released reservation does not linger. The
+  ``Reconciler`` works the journal off once a second while Redis answers, and a
+  routed store settles a key first when an operation touches it (read repair).
 * ``Reconciler.copy_domain``: the backfill (memory to Redis, when a domain moves
   toward Redis authority) and the warm-up (Redis to memory, when it moves back),
   with progress for ``/ops/store``.
@@ -18,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +37,9 @@ from relay.stores.envelope import raw_updated_at_ms
 log = logging.getLogger("relay.store")
 
 WRITTEN, KEPT_NEWER, SKIPPED, FAILED = "written", "kept_newer", "skipped", "error"
+#: ``Task.mode``: newer wins and nothing is deleted / the target is made equal to the source / undo a
+#: reservation / delete what is not newer than the failed delete.
+NEWER, MIRROR, UNDO, FORGET = "newer", "mirror", "undo", "forget"
 #: Domains made of counters only: their windows are short-lived and stay where they were decided.
 NOT_COPIED = frozenset({"ratelimit"})
 
@@ -39,6 +50,36 @@ def _is_index(key: str) -> bool:
 
 def _is_lock(key: str) -> bool:
     return ":#lock%3A" in key
+
+
+@dataclass(frozen=True)
+class Task:
+    """What to do with one journalled key once Redis answers."""
+
+    source: str
+    target: str
+    mode: str
+    #: For ``UNDO``: the exact value the failed reservation tried to write.
+    value: Optional[str] = None
+    #: For ``FORGET``: when the failed delete was asked for (epoch ms).
+    at_ms: Optional[int] = None
+
+
+#: A fallback write: memory's value is copied to Redis unless Redis holds a newer one.
+WRITE_BACK = Task("memory", "redis", NEWER)
+#: A failed mirror write, repaired from the authoritative backend.
+REPAIR_REDIS = Task("memory", "redis", MIRROR)
+REPAIR_MEMORY = Task("redis", "memory", MIRROR)
+
+
+def undo(value: str) -> Task:
+    """Delete a reservation from Redis only while it holds exactly ``value``."""
+    return Task("", "redis", UNDO, value)
+
+
+def forget(at_ms: int) -> Task:
+    """Delete a key from Redis unless its value was written after ``at_ms``."""
+    return Task("", "redis", FORGET, at_ms=at_ms)
 
 
 def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -> str:
@@ -67,31 +108,150 @@ def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -
     return KEPT_NEWER
 
 
+def sync_key(source: Store, target: Store, key: str) -> str:
+    """Make ``target`` hold what ``source`` (the authoritative backend) holds for one key.
+
+    A value is copied unless the target's is newer; a value the source no longer has is deleted
+    from the target with compare-and-delete (so a concurrent write wins); an index gets the
+    source's members and loses the others. Counters and locks are left alone.
+    """
+    if _is_lock(key):
+        return SKIPPED
+    # The target is read before the source: a write landing on both meanwhile is then either in
+    # the source's answer or changes the target under the compare-and-delete, never removed.
+    if _is_index(key):
+        present = dict(target.index_range(key))
+        wanted = dict(source.index_range(key))
+        extra = [m for m in present if m not in wanted]
+        if extra:
+            target.index_remove(key, extra)
+        missing = {m: s for m, s in wanted.items() if present.get(m) != s}
+        if missing:
+            target.index_add(key, missing)
+        return WRITTEN if extra or missing else SKIPPED
+    current = target.get(key)
+    if source.get(key) is not None:
+        return copy_newer(source, target, key)
+    if current is None or raw_updated_at_ms(current) is None:
+        return SKIPPED
+    return WRITTEN if target.compare_and_delete(key, current) else KEPT_NEWER
+
+
+def settle(backends: Mapping[str, Store], key: str, task: Task) -> str:
+    """Carry out one journalled ``task``; raises ``StoreError`` when a backend fails."""
+    target = backends[task.target]
+    if task.mode == UNDO:
+        assert task.value is not None
+        return WRITTEN if target.compare_and_delete(key, task.value) else SKIPPED
+    if task.mode == FORGET:
+        assert task.at_ms is not None
+        current = target.get(key)
+        if current is None:
+            return SKIPPED
+        written_at = raw_updated_at_ms(current)
+        if written_at is None or written_at > task.at_ms:
+            return KEPT_NEWER
+        return WRITTEN if target.compare_and_delete(key, current) else KEPT_NEWER
+    source = backends[task.source]
+    if task.mode == MIRROR:
+        return sync_key(source, target, key)
+    return copy_newer(source, target, key)
+
+
+def settle_all(backends: Mapping[str, Store], key: str, tasks: Sequence[Task]) -> tuple[list[str], list[Task]]:
+    """Carry out ``tasks`` in order; return their outcomes and, when a backend failed, the tasks left."""
+    outcomes: list[str] = []
+    for index, task in enumerate(tasks):
+        try:
+            outcomes.append(settle(backends, key, task))
+        except StoreError:
+            return outcomes, list(tasks[index:])
+    return outcomes, []
+
+
+def _merged(tasks: list[Task], task: Task) -> list[Task]:
+    """``tasks`` with ``task`` recorded after them. A copy or repair describes the state to reach, so it
+    replaces an earlier one; undos and deletes each stand for one failed call and accumulate."""
+    if task.mode in (NEWER, MIRROR):
+        tasks = [t for t in tasks if t.mode not in (NEWER, MIRROR)]
+    elif task in tasks:
+        return tasks
+    return tasks + [task]
+
+
 class WriteBackJournal:
-    """Keys per domain awaiting write-back to Redis; bounded, with overflow counted."""
+    """Keys per domain with pending ``Task``s, carried out in the order they were recorded; bounded
+    (per domain, in keys), with overflow counted.
+
+    A key's tasks are carried out by whoever ``claim``s them first (the reconciler, or an operation
+    touching the key); until that one ``release``s the key, another claim of it waits, so no
+    operation decides on Redis while a write it depends on is still on its way there.
+    """
 
     def __init__(self, max_keys: int = 100_000) -> None:
         self._lock = threading.Lock()
-        self._pending: dict[str, set[str]] = {}
+        self._pending: dict[str, dict[str, list[Task]]] = {}
+        self._busy: dict[tuple[str, str], threading.Event] = {}
+        self._busy_domains: dict[str, int] = {}
         self.max_keys = max_keys
         self.overflow: dict[str, int] = {}
 
-    def record(self, domain: str, keys: Iterable[str]) -> None:
+    def record(self, domain: str, keys: Iterable[str], task: Task = WRITE_BACK) -> None:
         with self._lock:
-            pending = self._pending.setdefault(domain, set())
+            pending = self._pending.setdefault(domain, {})
             for key in keys:
-                if len(pending) >= self.max_keys:
+                if key not in pending and len(pending) >= self.max_keys:
                     self.overflow[domain] = self.overflow.get(domain, 0) + 1
                     continue
-                pending.add(key)
+                pending[key] = _merged(pending.get(key, []), task)
 
-    def take(self) -> dict[str, set[str]]:
+    def has(self, domain: str) -> bool:
+        """Anything pending or being carried out for ``domain`` (cheap: asked on every operation)."""
+        return bool(self._pending.get(domain)) or bool(self._busy_domains.get(domain))
+
+    def keys(self) -> dict[str, list[str]]:
+        """The keys pending now, per domain."""
         with self._lock:
-            taken, self._pending = self._pending, {}
-            return taken
+            return {d: sorted(k) for d, k in self._pending.items() if k}
 
-    def restore(self, domain: str, keys: Iterable[str]) -> None:
-        self.record(domain, keys)
+    def claim(self, domain: str, key: str, target: Optional[str] = None, wait_s: float = 2.0) -> list[Task]:
+        """Take the tasks of one key (those aimed at backend ``target``, if given) to carry them out,
+        then ``release`` the key; an empty list when there are none. A key being carried out
+        elsewhere is waited for first; ``TimeoutError`` when that takes longer than ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                busy = self._busy.get((domain, key))
+                if busy is None:
+                    pending = self._pending.get(domain, {})
+                    tasks = pending.get(key, [])
+                    taken = [t for t in tasks if target is None or t.target == target]
+                    if not taken:
+                        return []
+                    kept = [t for t in tasks if t not in taken]
+                    if kept:
+                        pending[key] = kept
+                    else:
+                        del pending[key]
+                    self._busy[(domain, key)] = threading.Event()
+                    self._busy_domains[domain] = self._busy_domains.get(domain, 0) + 1
+                    return taken
+            if not busy.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"journalled work on a {domain} key is still being carried out")
+
+    def release(self, domain: str, key: str, unfinished: Sequence[Task] = ()) -> None:
+        """End a ``claim``; ``unfinished`` tasks go back before any recorded meanwhile."""
+        with self._lock:
+            busy = self._busy.pop((domain, key), None)
+            self._busy_domains[domain] -= 1
+            if unfinished:
+                pending = self._pending.setdefault(domain, {})
+                tasks = list(unfinished)
+                for task in pending.get(key, []):
+                    tasks = _merged(tasks, task)
+                pending[key] = tasks
+        if busy is not None:
+            busy.set()
 
     def pending(self) -> dict[str, int]:
         with self._lock:
@@ -194,21 +354,31 @@ class Reconciler:
 
     # -- work -------------------------------------------------------------------------------------
     def write_back(self) -> dict[str, int]:
-        memory, redis = self._backends["memory"], self._backends["redis"]
+        """Carry out the journalled tasks (write-backs, mirror repairs, undos and deletes); the pass
+        stops at the first backend failure, and what is left waits for the next one."""
         outcomes: dict[str, int] = {}
-        for domain, keys in self.journal.take().items():
-            failed = []
-            for key in sorted(keys):
-                try:
-                    outcome = copy_newer(memory, redis, key)
-                except StoreError:
-                    outcome = FAILED
-                    failed.append(key)
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
-                self._observer.writeback(domain, outcome)
-            if failed:
-                self.journal.restore(domain, failed)
+        for target in ("redis", "memory"):
+            self._write_back_into(target, outcomes)
         return outcomes
+
+    def _write_back_into(self, target: str, outcomes: dict[str, int]) -> bool:
+        """The journalled tasks aimed at ``target``; ``False`` when it failed (the pass for it stops)."""
+        for domain, keys in self.journal.keys().items():
+            for key in keys:
+                try:
+                    tasks = self.journal.claim(domain, key, target=target)
+                except TimeoutError:
+                    continue
+                if not tasks:
+                    continue
+                done, left = settle_all(self._backends, key, tasks)
+                self.journal.release(domain, key, left)
+                for outcome in done + ([FAILED] if left else []):
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    self._observer.writeback(domain, outcome)
+                if left:
+                    return False
+        return True
 
     def copy_domain(self, domain: str, direction: str) -> CopyProgress:
         if domain in NOT_COPIED:

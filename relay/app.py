@@ -17,6 +17,7 @@ from config.settings import Settings, load_settings
 from middleware.flags import RuntimeFlags
 from middleware.routing import StoreRouter
 from middleware.stats import FanoutObserver, RoutingStats
+from relay.agents.auth import AgentAuth
 from relay.agents.bus import AgentBus
 from relay.agents.channel import register_agent_channel
 from relay.agents.sessions import SessionRegistry
@@ -28,6 +29,7 @@ from relay.lifecycle.context import AuditTrail, Domains, LifecycleContext
 from relay.lifecycle.inbound import InboundPipeline
 from relay.lifecycle.leader import LeaderLease
 from relay.lifecycle.notify import ResultNotifier, ResultPoster, TextPusher
+from relay.lifecycle.recovery import StoreRecovery
 from relay.lifecycle.sweeps import Sweeper
 from relay.lifecycle.views import AdminViews
 from relay.routes import register_routes
@@ -69,8 +71,12 @@ class Relay:
     metrics: StoreMetrics
     #: Delivery to agents held by other processes (Redis configured), else ``None``.
     bus: Optional[AgentBus] = None
+    #: Restores state after a Redis data loss and runs a deferred audit hydration.
+    recovery: Optional[StoreRecovery] = None
 
     def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.stop()
         self.flags.stop()
         self.sweeper.stop()
         if self.bus is not None:
@@ -145,6 +151,14 @@ def create_app(
         wecom, webhook = _push_clients(settings)
     notifier = ResultNotifier(ctx, router.bound, wecom, webhook)
     agent_events = AgentEvents(ctx, notifier)
+    recovery = StoreRecovery(ctx, agent_events, router.bound, check_loss=(
+        redis_backend.check_data_loss if isinstance(redis_backend, RedisStore) else None))
+    if isinstance(redis_backend, RedisStore):
+        def data_lost() -> None:
+            router.redis_data_lost()
+            recovery.data_lost()
+
+        redis_backend.watch_data_loss(keys.index_key("store", "epoch"), data_lost)
     lease = LeaderLease(provide("inflight"), "sweeps", ctx.instance_id, 3 * settings.sweep_interval_ms)
     sweeper = Sweeper(ctx, notifier, router.bound, lease)
     relay = Relay(
@@ -163,6 +177,7 @@ def create_app(
         flags=flags,
         store_stats=store_stats,
         bus=ctx.bus,
+        recovery=recovery,
     )
 
     app = Flask("relay", static_folder=None)
@@ -173,24 +188,29 @@ def create_app(
     register_agent_channel(
         app, sessions, agent_events,
         frame_scope=lambda: router.bound(fresh=True),
+        auth=AgentAuth.from_settings(settings),
         ping_interval_s=settings.agent_ping_interval_ms / 1000,
         max_message_bytes=settings.agent_max_message_bytes,
         idle_timeout_s=settings.agent_idle_timeout_ms / 1000,
         max_connections=settings.max_agent_connections,
     )
 
-    with router.bound():
-        hydrated = ctx.audit.hydrate()
+    hydrated = recovery.hydrate_at_startup()
     if hydrated:
         log.info("audit log hydrated", extra={"event": "audit_hydrated", "events": hydrated})
     if settings.admin_token is None:
         log.warning("RELAY_ADMIN_TOKEN is not set: admin routes are open", extra={"event": "admin_open"})
+    if not AgentAuth.from_settings(settings).enabled:
+        log.warning("AGENT_AUTH_TOKEN and AGENT_TOKENS are not set: any client reaching /agent may speak for "
+                    "any machine", extra={"event": "agent_auth_off"})
     if start_background:
         router.start()
         flags.start()
         if ctx.bus is not None:
             ctx.bus.start()
         sweeper.start()
+        if redis_backend is not None:
+            recovery.start()
     return app
 
 
@@ -218,7 +238,7 @@ def _store_status(settings: Settings, router: StoreRouter) -> dict[str, Any]:
     degraded = False
     if redis is not None and hasattr(redis, "counters"):
         errors = redis.counters.snapshot().get("errors", 0)
-        degraded = getattr(redis, "breaker_state", "closed") != "closed"
+        degraded = bool(getattr(redis, "degraded", getattr(redis, "breaker_state", "closed") != "closed"))
     redis_authoritative = any(plan.backend == "redis" for plan in router.plans.values())
     status: dict[str, Any] = {"configuredMode": settings.store_backend,
                               "mode": "redis" if redis_authoritative and not degraded else "memory",

@@ -372,10 +372,16 @@ class StoreMetrics:
         self._retries_seen: dict[str, int] = {}
         self._retries_lock = threading.Lock()
         self._plans: dict[str, DomainPlan] = {}
+        #: Latency histogram children by label values: ``labels()`` is a locked lookup per call.
+        self._latency_children: dict[tuple[str, str, str, str], Any] = {}
 
     # -- StoreObserver ------------------------------------------------------------------------------
     def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        self._i.latency.labels(backend, domain, op, outcome).observe(seconds)
+        labels = (backend, domain, op, outcome)
+        child = self._latency_children.get(labels)
+        if child is None:
+            child = self._latency_children.setdefault(labels, self._i.latency.labels(*labels))
+        child.observe(seconds)
         if outcome == TIMEOUT:
             self._i.timeouts.labels(backend, domain, op).inc()
         elif outcome in (ERROR, REJECTED):

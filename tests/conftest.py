@@ -6,6 +6,8 @@ Redis:
 * ``redis_server`` (function): that server, running, resumed and flushed before
   the test, and brought back up after it, so a test may ``stop()``, ``start()``,
   ``pause()`` and ``resume()`` it freely.
+* ``redis_cluster`` (session): a local 3-primary Redis Cluster on free ports
+  (``tests/support/rediscluster.py``), started when first asked for, always stopped at the end.
 * ``fake_redis_server`` / ``fake_redis``: a fresh in-process fakeredis server and a
   ``decode_responses=True`` client on it.
 """
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
+from tests.support.rediscluster import LocalRedisCluster
 from tests.support.redisproc import RedisServer
 
 
@@ -45,6 +48,12 @@ def redis_server(redis_session: RedisServer) -> Iterator[RedisServer]:
         client.close()
     yield redis_session
     _bring_back(redis_session)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    with LocalRedisCluster(masters=3) as cluster:
+        yield cluster
 
 
 # -- fakeredis --------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ thread pool (a slow agent never blocks the listener or other machines). A reques
 the holder's queue for more than half of its sender's wait is answered "not delivered" without being
 sent, so a command is not handed to an agent long after its sender gave up on it.
 
+On a Redis Cluster the same works with sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``), and on a
+Sentinel-managed primary the listener follows the primary; ``relay/agents/bus_link.py`` has how.
+
 The listener thread reconnects with a capped exponential backoff and never raises. While it is not
 subscribed, this process receives nothing (its senders see no subscriber) and its own deliveries to
 other processes fail at once (their answers could not reach it).
@@ -36,11 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from relay.agents.bus_link import HEALTH_CHECK_S, Publisher, open_subscription
 from relay.agents.sessions import SessionRegistry
 from relay.stores.keys import KeySpace
+from relay.stores.redis_connect import ClientOptions
 
 log = logging.getLogger("relay.bus")
 
@@ -129,7 +132,7 @@ class AgentBus:
         self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._publisher: Optional[redis.Redis] = None
+        self._publisher: Optional[Publisher] = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._queues: Optional[_SerialQueues] = None
 
@@ -154,7 +157,7 @@ class AgentBus:
         ``False`` if it is not subscribed yet (Redis down: it keeps trying in the background)."""
         if self._thread is None:
             self._stop.clear()
-            self._publisher = self._client(listener=False)
+            self._publisher = Publisher(self._url, self._options(listener=False))
             self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bus-deliver")
             self._queues = _SerialQueues(self._pool)
             self._thread = threading.Thread(target=self._listen, name="agent-bus", daemon=True)
@@ -230,34 +233,31 @@ class AgentBus:
             raise redis.ConnectionError("the bus is not started")
         if not ids:
             return set()
-        counts = dict(publisher.pubsub_numsub(*(self.channel_of(i) for i in ids)))
-        return {i for i in ids if int(counts.get(self.channel_of(i), 0)) > 0}
+        counts = publisher.subscribers(self.channel_of(i) for i in ids)
+        return {i for i in ids if counts.get(self.channel_of(i), 0) > 0}
 
     def _publish(self, instance_id: str, message: dict[str, Any]) -> int:
         publisher = self._publisher
         if publisher is None:
             raise redis.ConnectionError("the bus is not started")
         text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-        return int(publisher.publish(self.channel_of(instance_id), text))
+        return publisher.publish(self.channel_of(instance_id), text)
 
     # -- receiving --------------------------------------------------------------------------------
     def _listen(self) -> None:
         backoff = BACKOFF_START_S
         while not self._stop.is_set():
-            pubsub = None
+            subscription = None
             try:
-                pubsub = self._client(listener=True).pubsub()
-                pubsub.subscribe(self.channel)
+                subscription = open_subscription(self._url, self.channel, self._options(listener=True))
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=POLL_S)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
+                    kind, data = subscription.poll(POLL_S)
+                    if kind == "subscribed":
                         self._subscribed.set()
                         backoff = BACKOFF_START_S
                         log.info("bus listening on %s", self.channel, extra={"event": "bus_subscribed"})
-                    elif message["type"] == "message":
-                        self._on_message(message["data"])
+                    elif kind == "message" and data is not None:
+                        self._on_message(data)
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any Redis failure
                 if not self._stop.is_set():
                     # a lost subscription is a warning; the retries of an outage that goes on are not
@@ -267,8 +267,8 @@ class AgentBus:
             finally:
                 self._subscribed.clear()
                 self._fail_pending()
-                if pubsub is not None:
-                    _close_quietly(pubsub)
+                if subscription is not None:
+                    _close_quietly(subscription)
             if self._stop.wait(backoff * random.uniform(0.5, 1.0)):
                 break
             backoff = min(backoff * 2, BACKOFF_CAP_S)
@@ -309,23 +309,21 @@ class AgentBus:
         for waiter in waiters:
             waiter.resolve(False)
 
-    def _client(self, *, listener: bool) -> redis.Redis:
-        """A client of its own, never the store's pool. The listener's connection mostly waits (its
-        reads are bounded by ``POLL_S``) and pings Redis every 10 s, so a broken connection is noticed
-        even when no message arrives."""
-        return redis.Redis.from_url(
-            self._url,
-            socket_timeout=self._socket_timeout_s * (5 if listener else 1),
-            socket_connect_timeout=self._connect_timeout_s,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            health_check_interval=10 if listener else 0,
+    def _options(self, *, listener: bool) -> ClientOptions:
+        """Connections of its own, never the store's pool (``relay/agents/bus_link.py`` says how each
+        kind of deployment is used). The listener's connection mostly waits (its reads are bounded by
+        ``POLL_S``) and pings Redis every 10 s, so a broken connection is noticed even when no message
+        arrives."""
+        return ClientOptions(
+            socket_timeout_s=self._socket_timeout_s * (5 if listener else 1),
+            connect_timeout_s=self._connect_timeout_s,
+            keepalive=True,
+            health_check_interval_s=HEALTH_CHECK_S if listener else 0,
         )
 
 
-def _close_quietly(pubsub: Any) -> None:
+def _close_quietly(subscription: Any) -> None:
     try:
-        pubsub.close()
+        subscription.close()
     except Exception:  # noqa: BLE001 - closing a broken connection may fail again
         pass

@@ -24,8 +24,10 @@ from simple_websocket import ConnectionClosed, Server
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
+from relay.agents.auth import CLOSE_UNAUTHORIZED, AgentAuth
 from relay.agents.protocol import AgentConnection, AgentEventHandler
 from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
+from relay.ids import valid_id
 
 log = logging.getLogger("relay.agents")
 
@@ -64,7 +66,12 @@ class ChannelSettings:
 
 
 class AgentChannel:
-    """Accepts agent sockets and feeds their frames to the ``AgentEventHandler``."""
+    """Accepts agent sockets and feeds their frames to the ``AgentEventHandler``.
+
+    Before the handler sees them: a hello must carry a valid machine id (``relay.ids``) and, with
+    agent authentication on, a valid token, else the socket is closed with 4401; a result must
+    carry a valid command id. The token is taken out of the frame and never logged.
+    """
 
     def __init__(
         self,
@@ -72,11 +79,13 @@ class AgentChannel:
         handler: AgentEventHandler,
         frame_scope: FrameScope,
         settings: ChannelSettings,
+        auth: Optional[AgentAuth] = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self._handler = handler
         self._frame_scope = frame_scope
+        self._auth = auth or AgentAuth()
         self._lock = threading.Lock()
         self._open: set[AgentSession] = set()
         self._reserved = 0
@@ -126,7 +135,7 @@ class AgentChannel:
         if stopping:
             session.close("relay shutting down", CloseReason.GOING_AWAY)
         try:
-            self._serve(session)
+            self._serve(session, environ.get("HTTP_AUTHORIZATION"))
         except Exception as exc:  # noqa: BLE001 - the socket is no HTTP connection any more
             log.error("agent socket loop failed: %s at %s (session %s)", type(exc).__name__,
                       _raise_site(exc), session.session_id, extra=_ids(session))
@@ -160,8 +169,9 @@ class AgentChannel:
         server = Server(ws_environ, max_message_size=self.settings.max_message_bytes)
         return server, tracked
 
-    def _serve(self, session: AgentSession) -> None:
-        """Handle frames in order until the socket closes; ping, and close a silent peer."""
+    def _serve(self, session: AgentSession, authorization: Optional[str] = None) -> None:
+        """Handle frames in order until the socket closes; ping, and close a silent peer.
+        ``authorization`` is the upgrade request's ``Authorization`` header."""
         settings = self.settings
         log.info("agent socket opened: session %s from %s", session.session_id,
                  session.remote_addr, extra={"session_id": session.session_id})
@@ -175,7 +185,7 @@ class AgentChannel:
                     break
                 now = time.monotonic()
                 if message is not None:
-                    self._dispatch(session, message)
+                    self._dispatch(session, message, authorization)
                 elif now - session.last_activity >= settings.idle_timeout_s:
                     log.info("agent socket idle for %.1f s, closing: session %s machine %s",
                              now - session.last_activity, session.session_id, session.machine_id,
@@ -195,16 +205,37 @@ class AgentChannel:
             log.info("agent socket closed: session %s machine %s", session.session_id,
                      session.machine_id, extra=_ids(session))
 
-    def _dispatch(self, session: AgentSession, message: Message) -> None:
+    def _dispatch(self, session: AgentSession, message: Message, authorization: Optional[str] = None) -> None:
         frame = _parse_frame(message)
         if frame is None:
             log.warning("invalid ws payload: session %s machine %s", session.session_id,
                         session.machine_id, extra=_ids(session))
             return
         kind = frame.get("type")
-        route = self._routes.get(kind) if isinstance(kind, str) else None
+        if kind == "agent.hello":
+            frame = self._admit_hello(session, frame, authorization)
+        elif kind == "agent.result":
+            frame = _checked_result(session, frame)
+        route = self._routes.get(kind) if isinstance(kind, str) and frame is not None else None
         if route is not None:
             self._call(route, session, frame)
+
+    def _admit_hello(self, session: AgentSession, frame: dict[str, Any],
+                     authorization: Optional[str]) -> Optional[dict[str, Any]]:
+        """The hello without its token, or ``None`` when it is refused (an invalid machine id is
+        ignored like a missing one; a bad token closes the socket with 4401)."""
+        machine_id = frame.get("machineId")
+        if machine_id is not None and not valid_id(machine_id):
+            log.warning("agent hello with an invalid machineId ignored: session %s", session.session_id,
+                        extra={"event": "agent_hello_invalid", "session_id": session.session_id})
+            return None
+        if isinstance(machine_id, str) and not self._auth.allows(machine_id, frame, authorization):
+            log.warning("agent hello refused: no valid token for machine %s (session %s)", machine_id,
+                        session.session_id, extra={"event": "agent_auth_failed", "session_id": session.session_id,
+                                                   "machine_id": machine_id})
+            session.close("unauthorized", CLOSE_UNAUTHORIZED)
+            return None
+        return {k: v for k, v in frame.items() if k != "token"}
 
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         """Run one handler call inside its own frame scope; log and drop what it raises."""
@@ -225,6 +256,7 @@ def register_agent_channel(
     handler: AgentEventHandler,
     *,
     frame_scope: FrameScope,
+    auth: Optional[AgentAuth] = None,
     ping_interval_s: float,
     max_message_bytes: int,
     idle_timeout_s: float,
@@ -242,7 +274,7 @@ def register_agent_channel(
         close_grace_s=close_grace_s,
         max_connections=max_connections,
     )
-    channel = AgentChannel(registry, handler, frame_scope, settings)
+    channel = AgentChannel(registry, handler, frame_scope, settings, auth)
     # Werkzeug routes upgrade requests only to rules marked ``websocket``: one rule for them, one
     # for every plain method (answered with the reference's 404).
     app.add_url_rule(AGENT_PATH, endpoint="agent_channel", view_func=channel.endpoint,
@@ -267,6 +299,17 @@ class _UpgradedResponse(Response):
         if self._mode == "werkzeug":
             return super().__call__(environ, start_response)
         return []
+
+
+def _checked_result(session: AgentSession, frame: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A result frame whose command id, if it is a string, is a valid id; else ``None``."""
+    result = frame.get("result")
+    command_id = result.get("commandId") if isinstance(result, dict) else None
+    if isinstance(command_id, str) and command_id and not valid_id(command_id):
+        log.warning("agent result with an invalid commandId ignored: session %s machine %s", session.session_id,
+                    session.machine_id, extra={"event": "agent_result_invalid", **_ids(session)})
+        return None
+    return frame
 
 
 def _ids(session: AgentSession) -> dict[str, Any]:

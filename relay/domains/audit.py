@@ -117,22 +117,60 @@ class AuditIndex:
         store.update(command_id, change)
         if not applied:
             return False
-        store.index_add(INDEX, {command_id: _score(applied[0])})
-        dropped = store.index_trim(INDEX, self.max_records)
-        if dropped:
-            store.delete(*dropped)
+        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records)
+        return True
+
+    def open(self, events: list[dict[str, Any]], flush: bool = False) -> dict[str, Any]:
+        """Record the first events of a new command, whose id is fresh (so no record exists yet):
+        the record and its index entry are written once, with the unit of work's next round trip
+        (``flush``: now). Returns the record."""
+        record: Optional[dict[str, Any]] = None
+        for event in events:
+            record = apply_event(record, event, self.max_events) or record
+        assert record is not None, "open() needs at least one event"
+        store = self._store()
+        store.defer_set(record["commandId"], record)
+        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True)
+        if flush:
+            store.flush()
+        return record
+
+    def retract(self, opened: dict[str, Any], early: dict[str, Any], replacement: dict[str, Any]) -> bool:
+        """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a
+        dispatch that then failed): while the record is still exactly ``opened``, ``early`` is replaced
+        by ``replacement``; once anything else was added, ``replacement`` is added like ``apply`` does."""
+        store = self._store()
+        command_id = opened["commandId"]
+        applied: list[dict[str, Any]] = []
+
+        def change(current: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+            applied.clear()
+            if current == opened:
+                current = None
+                for event in opened["events"]:
+                    if event != early:
+                        current = apply_event(current, event, self.max_events) or current
+            new = apply_event(current, replacement, self.max_events)
+            if new is not None:
+                applied.append(new)
+            return new
+
+        store.update(command_id, change)
+        if not applied:
+            return False
+        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records)
         return True
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)
 
-    def _newest(self) -> Iterator[dict[str, Any]]:
-        """Records newest first, fetched a page at a time."""
+    def _newest(self, page_size: int = PAGE) -> Iterator[dict[str, Any]]:
+        """Records newest first, fetched ``page_size`` at a time."""
         store = self._store()
         max_score: Optional[float] = None
         seen: set[str] = set()
         while True:
-            page = store.index_range(INDEX, limit=PAGE, newest_first=True, max_score=max_score)
+            page = store.index_range(INDEX, limit=page_size, newest_first=True, max_score=max_score)
             fresh = [(m, s) for m, s in page if m not in seen]
             if not fresh:
                 return
@@ -143,7 +181,7 @@ class AuditIndex:
             if gone:
                 store.index_remove(INDEX, gone)
             yield from (r for r in records if r is not None)
-            if len(page) < PAGE:
+            if len(page) < page_size:
                 return
             max_score = page[-1][1]
 
@@ -156,7 +194,9 @@ class AuditIndex:
     ) -> list[dict[str, Any]]:
         limit = max(1, limit)
         out = []
-        for record in self._newest():
+        # Unfiltered, the first ``limit`` records are the answer: fetch no more than that.
+        filtered = bool(user_id or machine_id or status)
+        for record in self._newest(PAGE if filtered else min(PAGE, limit + 1)):
             if user_id and record.get("userId") != user_id:
                 continue
             if machine_id and record.get("machineId") != machine_id:

@@ -5,7 +5,7 @@ import marshmallow
 from marshmallow import fields
 
 from middleware.routing import StoreProvider
-from relay.stores.domain import Domain
+from relay.stores.domain import Domain, Hit
 from relay.stores.envelope import EnvelopeSchema
 
 
@@ -24,6 +24,12 @@ class IdempotencyKeys:
     def reserve(self, key: str, now_ms: int) -> bool:
         """``True`` when this call reserved ``key``; ``False`` when it was already seen."""
         return self._store().set_if_absent(key, {"reservedAtMs": now_ms}, self.ttl_ms)
+
+    def reserve_within(self, key: str, now_ms: int, hit: Hit) -> tuple[bool, bool]:
+        """Count ``hit`` (a rate-limit hit) and reserve ``key`` only when the hit is within its limit,
+        in one round trip where the stores allow. Returns ``(allowed, reserved)``."""
+        count, reserved = self._store().set_if_absent_within(key, {"reservedAtMs": now_ms}, self.ttl_ms, hit)
+        return count <= hit.guard.limit, reserved
 
     def release(self, key: str) -> None:
         """Forget a reservation whose request failed, so the sender's retry is processed."""

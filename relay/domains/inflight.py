@@ -30,9 +30,12 @@ class InflightCommands:
         self.ttl_ms = ttl_ms
 
     def put(self, record: dict[str, Any]) -> None:
+        """Store the record, and everything the unit of work deferred before it, in one round trip:
+        once this returns, the agent's answer finds the record."""
         store = self._store()
-        store.set(record["commandId"], record, self.ttl_ms)
-        store.index_add(INDEX, {record["commandId"]: float(record["createdAtMs"])})
+        store.defer_set(record["commandId"], record, self.ttl_ms)
+        store.defer_index_add(INDEX, {record["commandId"]: float(record["createdAtMs"])})
+        store.flush()
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)

@@ -29,6 +29,10 @@ class UserLocales:
         data = self._store().get(user_id)
         return None if data is None else data["locale"]
 
+    def prefetch(self, user_id: str) -> None:
+        """``get`` will be asked for this user: read it with the unit of work's next round trip."""
+        self._store().prefetch(user_id)
+
     def remember(self, user_ids: list[str], locale: str) -> None:
         users = sorted({u for u in user_ids if u})
         if users:

@@ -77,6 +77,10 @@ class MachineRegistry:
     def get(self, machine_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(machine_id)
 
+    def prefetch(self, machine_id: str) -> None:
+        """``get`` will be asked for this machine: read it with the unit of work's next round trip."""
+        self._store().prefetch(machine_id)
+
     def list(self) -> list[dict[str, Any]]:
         """Live records in connection order; index entries of expired records are tidied away."""
         store = self._store()

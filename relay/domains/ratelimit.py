@@ -8,7 +8,7 @@ from __future__ import annotations
 import marshmallow
 
 from middleware.routing import StoreProvider
-from relay.stores.domain import Domain
+from relay.stores.domain import Domain, Hit
 from relay.stores.envelope import EnvelopeSchema
 
 WINDOW_MS = 60_000
@@ -26,3 +26,7 @@ class RateLimiter:
     def allow(self, user_id: str) -> bool:
         """Count a hit; ``True`` while the user is within the limit for the current window."""
         return self._store().incr(user_id, 1, self.window_ms) <= self.limit
+
+    def hit(self, user_id: str) -> Hit:
+        """The user's next hit, to count together with a reservation (``IdempotencyKeys.reserve_within``)."""
+        return self._store().hit(user_id, 1, self.window_ms, self.limit)

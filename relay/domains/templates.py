@@ -1,7 +1,8 @@
 """Retry templates: the command envelope of every accepted command, for ``/retry``.
 
 Bounded by a TTL (24 h) and a maximum count (5000): the oldest are dropped at
-once on insert, not only at the next sweep.
+once on insert, not only at the next sweep. ``put`` is deferred to the unit of
+work's next round trip (a template is only read by a later ``/retry``).
 """
 from __future__ import annotations
 
@@ -43,11 +44,8 @@ class RetryTemplates:
 
     def put(self, command: dict[str, Any], now_ms: int) -> None:
         store = self._store()
-        store.set(command["commandId"], {"command": command, "createdAtMs": now_ms}, self.ttl_ms)
-        store.index_add(INDEX, {command["commandId"]: float(now_ms)})
-        dropped = store.index_trim(INDEX, self.max_count)
-        if dropped:
-            store.delete(*dropped)
+        store.defer_set(command["commandId"], {"command": command, "createdAtMs": now_ms}, self.ttl_ms)
+        store.index_add_capped(INDEX, {command["commandId"]: float(now_ms)}, self.max_count, defer=True)
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         data = self._store().get(command_id)

@@ -1,7 +1,8 @@
 """Frames from agents: hello, heartbeat, result (reference §3.2, §6.1), and disconnects.
 
 Deliberate changes: a socket speaks only for the machine it said hello as
-(heartbeats and results naming another machine are dropped, §13 item 15); a
+(heartbeats and results naming another machine, and results for a command
+sent to another machine, are dropped, §13 item 15); a
 result is owned by exactly one handler even when two arrive at once (the
 in-flight record is claimed atomically). A disconnect leaves the machine's
 in-flight commands in flight: the agent may still answer after reconnecting
@@ -108,6 +109,9 @@ class AgentEvents:
                   status=status, detail=clip_for_trace(summary, 180))
         owner = domains.inflight.get(command_id)
         record = domains.audit.get(command_id)
+        if any(known is not None and known.get("machineId") not in (None, machine_id) for known in (owner, record)):
+            log.warning("agent result for another machine's command ignored", extra={"event": "agent_result_spoofed"})
+            return
         tag = "agent_" + status
         differs = (record is None or record.get("summary") != summary or record.get("status") != tag
                    or not record.get("userId"))

@@ -62,14 +62,28 @@ class AuditTrail:
         self.file_errors = 0
 
     def record(self, event: dict[str, Any]) -> None:
-        if not self.index.apply(event) or self.path is None:
+        if self.index.apply(event):
+            self.log([event])
+
+    def log(self, events: list[dict[str, Any]]) -> None:
+        """Append events the index holds already (``record``, ``AuditIndex.open``) to the file."""
+        if self.path is None or not events:
             return
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events).encode()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             with self._file_lock:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write(line)
+                try:
+                    fd = os.open(self.path, flags, 0o644)
+                except FileNotFoundError:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path, flags, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
         except OSError as exc:
             # The index already holds the event; a full or read-only disk must not fail the command.
             self.file_errors += 1

@@ -5,6 +5,14 @@ callback cannot be acknowledged with a 2xx, so WeCom's retry is processed
 instead of being swallowed as a duplicate. The encrypted-reply configuration is
 checked before any side effect, so a missing ``WECOM_CORP_ID`` no longer
 dispatches a command that WeCom is then told failed.
+
+Store round trips (Redis, ``redis-primary``): an accepted callback makes two
+(``tests/test_round_trips.py``). The rate-limit hit and the msgId reservation go
+together (nothing is reserved beyond the limit) with the locale and machine reads
+prefetched; the template, the audit record (``created`` and ``sent_to_agent`` at
+once) and the in-flight record are written together before the command is sent,
+so the agent's answer always finds them. A send that fails turns the audit
+record's ``sent_to_agent`` into ``machine_offline`` (``AuditIndex.retract``).
 """
 from __future__ import annotations
 
@@ -32,35 +40,53 @@ class InboundPipeline:
     def handle(self, msg: InboundMessage) -> Ack:
         ctx = self.ctx
         settings = ctx.settings
+        domains = ctx.domains
         if not (msg.msg_id and msg.user_id and msg.text):
             return _error(400, "invalid_payload")
         if msg.encrypted and msg.xml_mode and not (
             settings.wecom_token and settings.wecom_encoding_aes_key and settings.wecom_corp_id
         ):
             return _error(500, "missing_wecom_encrypted_reply_config")
-        if not ctx.domains.ratelimit.allow(msg.user_id):
+        machine_id, refused = self._gates(msg.user_id, msg.machine_id)
+        if refused is not None:
+            # Refused by configuration: the hit still counts, and the rate limit answers first.
+            return refused if domains.ratelimit.allow(msg.user_id) else _error(429, "rate_limited")
+        assert machine_id is not None
+        # One round trip: the rate-limit hit, the msgId reservation (only within the limit), and the
+        # locale and machine records read along with them.
+        domains.locale.prefetch(msg.user_id)
+        domains.machines.prefetch(machine_id)
+        allowed, reserved = domains.idempotency.reserve_within(msg.msg_id, ctx.clock(),
+                                                               domains.ratelimit.hit(msg.user_id))
+        if not allowed:
             return _error(429, "rate_limited")
-        if msg.user_id not in settings.allowlist:
-            return _error(403, "user_not_allowed")
-        bound = settings.machine_bindings.get(msg.user_id)
-        machine_id = msg.machine_id or bound
-        if not machine_id:
-            return _error(400, "missing_machine_id")
-        if bound and bound != machine_id:
-            return _error(403, "machine_binding_mismatch")
-        locale = ctx.domains.locale.get(msg.user_id) or DEFAULT_LOCALE
-
-        if not ctx.domains.idempotency.reserve(msg.msg_id, ctx.clock()):
-            ctx.trace(machine_id, "wecom->relay", "duplicate_ignored", machineId=machine_id,
-                      userId=msg.user_id, status="duplicate_ignored")
-            ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", machineId=machine_id,
-                      userId=msg.user_id, status="duplicate_ignored")
-            return Ack(200, {"status": "duplicate_ignored", "locale": locale})
         try:
+            locale = domains.locale.get(msg.user_id) or DEFAULT_LOCALE
+            if not reserved:
+                ctx.trace(machine_id, "wecom->relay", "duplicate_ignored", machineId=machine_id,
+                          userId=msg.user_id, status="duplicate_ignored")
+                ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", machineId=machine_id,
+                          userId=msg.user_id, status="duplicate_ignored")
+                return Ack(200, {"status": "duplicate_ignored", "locale": locale})
             return self._accept(msg, msg.user_id, machine_id, msg.text, locale)
         except Exception:
-            ctx.domains.idempotency.release(msg.msg_id)
+            if reserved:
+                domains.idempotency.release(msg.msg_id)
             raise
+
+    def _gates(self, user_id: str, requested: Optional[str]) -> tuple[Optional[str], Optional[Ack]]:
+        """The gates decided by configuration alone: allowlist and machine binding. Returns the
+        machine the command is for, or the refusal."""
+        settings = self.ctx.settings
+        if user_id not in settings.allowlist:
+            return None, _error(403, "user_not_allowed")
+        bound = settings.machine_bindings.get(user_id)
+        machine_id = requested or bound
+        if not machine_id:
+            return None, _error(400, "missing_machine_id")
+        if bound and bound != machine_id:
+            return None, _error(403, "machine_binding_mismatch")
+        return machine_id, None
 
     def _accept(self, msg: InboundMessage, user_id: str, machine_id: str, text: str, locale: str) -> Ack:
         ctx = self.ctx
@@ -79,22 +105,25 @@ class InboundPipeline:
         fields_ = {"commandId": command_id, "machineId": machine_id, "userId": user_id, "kind": kind}
         ctx.trace(machine_id, "wecom->relay", "command_received", detail=clip_for_trace(text, 140), **fields_)
         ctx.domains.templates.put(command, ctx.clock())
-        ctx.audit.record(ctx.event(command_id, "created", command["createdAt"], userId=user_id,
-                                   machineId=machine_id, kind=kind, summary=text))
+        created = ctx.event(command_id, "created", command["createdAt"], userId=user_id, machineId=machine_id,
+                            kind=kind, summary=text)
 
         record = ctx.online_record(machine_id)
-        if record is None or not self._dispatch(command, record):
-            ctx.audit.record(ctx.event(command_id, "machine_offline", userId=user_id, machineId=machine_id))
-            ctx.trace(machine_id, "relay->agent", "command_dispatch_failed", status="machine_offline", **fields_)
-            ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", status="machine_offline", **fields_)
-            return Ack(200, {"status": "machine_offline", "machineId": machine_id, "commandId": command_id,
-                             "locale": locale})
-
-        ctx.trace(machine_id, "relay->agent", "command_dispatched", status="sent_to_agent", **fields_)
-        ctx.audit.record(ctx.event(command_id, "sent_to_agent", userId=user_id, machineId=machine_id, kind=kind))
-        ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", status="sent_to_agent", **fields_)
-        return Ack(200, {"status": "sent_to_agent", "commandId": command_id,
-                         "passiveMessage": handshake_text(kind, locale), "locale": locale})
+        if record is not None:
+            sent = ctx.event(command_id, "sent_to_agent", userId=user_id, machineId=machine_id, kind=kind)
+            if self._dispatch(command, record, created, sent):
+                ctx.trace(machine_id, "relay->agent", "command_dispatched", status="sent_to_agent", **fields_)
+                ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", status="sent_to_agent", **fields_)
+                return Ack(200, {"status": "sent_to_agent", "commandId": command_id,
+                                 "passiveMessage": handshake_text(kind, locale), "locale": locale})
+        else:
+            offline = ctx.event(command_id, "machine_offline", userId=user_id, machineId=machine_id)
+            ctx.audit.index.open([created, offline], flush=True)
+            ctx.audit.log([created, offline])
+        ctx.trace(machine_id, "relay->agent", "command_dispatch_failed", status="machine_offline", **fields_)
+        ctx.trace(machine_id, "relay->wecom", "passive_ack_sent", status="machine_offline", **fields_)
+        return Ack(200, {"status": "machine_offline", "machineId": machine_id, "commandId": command_id,
+                         "locale": locale})
 
     def _envelope(self, parsed: Optional[dict[str, Any]], task_prompt: Optional[str], kind: str,
                   user_id: str, machine_id: str) -> dict[str, Any]:
@@ -109,14 +138,24 @@ class InboundPipeline:
         command["createdAt"] = ctx.now_iso()
         return command
 
-    def _dispatch(self, command: dict[str, Any], record: dict[str, Any]) -> bool:
-        """Track the command in flight, then send it (here or through the process holding the machine);
-        untrack it when the socket refuses or the holder does not confirm."""
+    def _dispatch(self, command: dict[str, Any], record: dict[str, Any], created: dict[str, Any],
+                  sent: dict[str, Any]) -> bool:
+        """Audit the command as created and sent and track it in flight, in one round trip with the
+        template (``InflightCommands.put`` flushes the unit of work); then send it, here or through
+        the process holding the machine. When the socket refuses or the holder does not confirm, the
+        command is untracked and its audit record says ``machine_offline`` instead of sent."""
         ctx = self.ctx
+        opened = ctx.audit.index.open([created, sent])
         ctx.domains.inflight.put({"commandId": command["commandId"], "userId": command["userId"],
                                   "machineId": command["machineId"], "kind": command["kind"],
                                   "createdAtMs": ctx.clock()})
+        ctx.audit.log([created])
         if ctx.send(command["machineId"], {"type": "command", "command": command}, record):
+            ctx.audit.log([sent])
             return True
         ctx.domains.inflight.remove(command["commandId"])
+        offline = ctx.event(command["commandId"], "machine_offline", userId=command["userId"],
+                            machineId=command["machineId"])
+        if ctx.audit.index.retract(opened, sent, offline):
+            ctx.audit.log([offline])
         return False

@@ -13,6 +13,7 @@ from relay.routes.dashboard import dashboard_blueprint
 from relay.routes.errors import register_error_handlers
 from relay.routes.health import health_blueprint
 from relay.routes.metrics_prometheus import metrics_prometheus_blueprint
+from relay.routes.openapi import openapi_blueprint
 from relay.routes.ops_tools import ops_tools_blueprint
 from relay.routes.store_ops import store_ops_blueprint
 
@@ -38,6 +39,7 @@ def register_routes(app: Flask, callback_routes: Optional[Sequence[str]] = None)
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     register_error_handlers(app)
     app.register_blueprint(health_blueprint)
+    app.register_blueprint(openapi_blueprint)
     app.register_blueprint(admin_blueprint)
     app.register_blueprint(metrics_prometheus_blueprint)
     app.register_blueprint(store_ops_blueprint)

@@ -4,32 +4,49 @@ Both are served on every path of ``settings.callback_routes``. The wire rules li
 ``relay.routes.wecom_io``; this module only reads the request and asks the lifecycle.
 Deliberate changes from the reference (see ``wecom_io``): an undecryptable echostr is a
 400 ``invalid_echostr`` and an undecryptable ``Encrypt`` a 400
-``invalid_encrypted_payload``, where the reference answered Fastify's 500.
+``invalid_encrypted_payload``, where the reference answered Fastify's 500; signatures are
+checked on every form that carries one, with timestamp freshness; callbacks WeCom did not
+sign need ``CALLBACK_SHARED_SECRET`` when it is set; ids must be valid (``relay.ids``).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from relay.routes.app_context import current_relay, query_dict
 from relay.routes.body import read_body
-from relay.routes.wecom_io import CallbackRejected, CryptoConfig, inbound_from_body, render_ack, verify_url
+from relay.routes.wecom_io import (
+    CALLBACK_SECRET_HEADER,
+    CallbackRejected,
+    CryptoConfig,
+    check_ids,
+    check_unsigned_callback,
+    inbound_from_body,
+    render_ack,
+    verify_url,
+)
 
 SIGNATURE_QUERY = ("msg_signature", "timestamp", "nonce")
 
 
 def verify() -> Response:
-    config = CryptoConfig.from_settings(current_relay().settings)
-    return verify_url(query_dict("echostr", *SIGNATURE_QUERY), config).to_response()
+    relay = current_relay()
+    config = CryptoConfig.from_settings(relay.settings)
+    return verify_url(query_dict("echostr", *SIGNATURE_QUERY), config, relay.clock() // 1000).to_response()
 
 
 def receive() -> Response:
     relay = current_relay()
     config = CryptoConfig.from_settings(relay.settings)
     body = read_body(relay.settings.max_body_bytes)
+    query = query_dict(*SIGNATURE_QUERY, "signature")
+    now_s = relay.clock() // 1000
     try:
-        msg = inbound_from_body(body, query_dict(*SIGNATURE_QUERY), config)
+        msg = inbound_from_body(body, query, config, now_s)
+        if not msg.encrypted:
+            check_unsigned_callback(query, request.headers.get(CALLBACK_SECRET_HEADER), config, now_s)
+        check_ids(msg)
     except CallbackRejected as rejected:
         return rejected.rendered().to_response()
     ack = relay.lifecycle.handle_inbound(msg)

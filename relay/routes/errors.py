@@ -4,6 +4,10 @@
   with the method and the raw request target (query string included), as Fastify prints
   them. Fastify has no 405, so a known path with another method gets the same 404.
 * Body parser failures (400 invalid/empty JSON, 413, 415) carry Fastify's ``code``.
+* The store being unreachable (``StoreUnavailable``: Redis down, timing out, behind an
+  open breaker or refusing writes, with no fallback to memory) is a 503
+  ``{"error":"store_unavailable"}`` with ``Retry-After: 1``: the request changed nothing
+  it could not undo, and the sender may retry (docs/failure-modes.md).
 * Any other exception is a 500 ``{"statusCode":500,"error":"Internal Server Error",
   "message":"Internal Server Error"}``: unlike Fastify, the exception text is only
   logged, never sent, so secrets and library messages do not leak.
@@ -17,7 +21,8 @@ from typing import Union
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
-from relay.routes.responses import json_response
+from relay.routes.responses import error_response, json_response
+from relay.stores.base import StoreUnavailable
 
 log = logging.getLogger("relay.routes")
 
@@ -107,6 +112,16 @@ def _http_exception(error: HTTPException) -> Union[Response, HTTPException]:
     return json_response(status, {"statusCode": status, "error": phrase, "message": phrase})
 
 
+def _store_unavailable(error: StoreUnavailable) -> Response:
+    log.warning("store unavailable: request refused", extra={
+        "event": "http_store_unavailable", "method": request.method,
+        "route": request.url_rule.rule if request.url_rule is not None else None,
+        "error": type(error.__cause__ or error).__name__})
+    response = error_response(503, "store_unavailable")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def _unhandled(error: Exception) -> Response:
     log.error("unhandled error", exc_info=error,
               extra={"event": "http_unhandled_error", "method": request.method, "path": request.path})
@@ -118,4 +133,5 @@ def _unhandled(error: Exception) -> Response:
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(FastifyError, _fastify_error)
     app.register_error_handler(HTTPException, _http_exception)
+    app.register_error_handler(StoreUnavailable, _store_unavailable)
     app.register_error_handler(Exception, _unhandled)

@@ -1,6 +1,8 @@
 """Store migration ops routes (docs/migration.md), behind ``require_admin``.
 
-* ``GET /ops/store``: per domain, the flags and phase in force, the Redis breaker state,
+* ``GET /ops/store``: whether the store is ``degraded`` (Redis configured and not answering,
+  breaker not closed, or refusing writes) and the Redis backend's ``health``; per domain,
+  the flags and phase in force, the Redis breaker state,
   backfill/warm-up progress, shadow counts, pending write-backs and this process's
   operation, error, fallback and secondary-write counts; the runtime flag overrides and
   where they come from; and the pid of the worker that answered.
@@ -34,7 +36,9 @@ def store_status(relay: Any) -> dict[str, Any]:
     for domain, entry in domains.items():
         entry["breaker"] = breaker
         entry["counts"] = relay.store_stats.snapshot(domain)
-    return {"pid": os.getpid(), "flags": relay.flags.describe(), "domains": domains}
+    health = redis.health() if hasattr(redis, "health") else None
+    return {"pid": os.getpid(), "degraded": bool(health and health["degraded"]), "redis": health,
+            "flags": relay.flags.describe(), "domains": domains}
 
 
 @store_ops_blueprint.get("/ops/store")

@@ -14,19 +14,38 @@ Deliberate changes from the reference:
   payload, without looking at their type, so a number or an object there flows into the
   gates and the audit as it is. Here a field that is neither a string nor null makes the
   request a 400 ``invalid_payload``.
+* Signatures are checked on every form that carries one (reference §13 item 3): a GET with
+  ``msg_signature`` but no ``timestamp`` or ``nonce`` is a 400 ``missing_signature_fields``
+  (the reference skipped the check), and a plain POST carrying the plaintext-mode
+  ``signature`` (SHA-1 of token, timestamp, nonce) is verified. A verified request whose
+  ``timestamp`` is further than ``WECOM_TIMESTAMP_TOLERANCE_S`` (default 300 s) from now is
+  a 401 ``stale_timestamp``, so a captured request cannot be replayed later.
+* With ``CALLBACK_SHARED_SECRET`` set, a POST WeCom did not sign (JSON, form or plain XML
+  without a valid signature) must carry the secret in ``x-callback-secret`` (compared in
+  constant time), else 401 ``unauthorized_callback`` (reference §13 item 2).
 """
 from __future__ import annotations
 
+import hmac
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from relay.ids import valid_id
 from relay.lifecycle.types import Ack, InboundMessage
 from relay.messages import js_trim, passive_reply_text
 from relay.routes.body import parse_json_text
 from relay.routes.responses import TEXT_CONTENT_TYPE, XML_CONTENT_TYPE, Rendered, json_rendered
-from relay.wecom.crypto import WeComCryptoError, create_signature, decrypt_message, encrypt_message, verify_signature
+from relay.wecom.crypto import (
+    WeComCryptoError,
+    create_signature,
+    decrypt_message,
+    encrypt_message,
+    verify_plain_signature,
+    verify_signature,
+)
 from relay.wecom.xml import build_encrypted_reply, build_text_reply, from_xml_payload, looks_like_xml
 
 #: Dict fields that may carry a whole XML message (form posts), in the order they are tried.
@@ -43,6 +62,9 @@ ALIASES: Mapping[str, tuple[str, ...]] = {
 }
 #: The only fields read from a decrypted JSON payload (no aliases, §4.3 step 5).
 DECRYPTED_FIELDS = ("msgId", "userId", "machineId", "text", "fromUserName", "toUserName")
+#: The header carrying ``CALLBACK_SHARED_SECRET`` on callbacks WeCom did not sign.
+CALLBACK_SECRET_HEADER = "x-callback-secret"
+_TIMESTAMP = re.compile(r"\d{1,12}")
 
 
 class CallbackRejected(Exception):
@@ -83,6 +105,9 @@ class CryptoConfig:
     aes_key: Optional[str] = None
     corp_id: Optional[str] = None
     passive_reply: bool = True
+    callback_secret: Optional[str] = None
+    #: Largest accepted distance, in seconds, between a signed request's timestamp and now; 0 = any.
+    timestamp_tolerance_s: int = 0
 
     @classmethod
     def from_settings(cls, settings: Any) -> CryptoConfig:
@@ -91,26 +116,39 @@ class CryptoConfig:
             aes_key=settings.wecom_encoding_aes_key,
             corp_id=settings.wecom_corp_id,
             passive_reply=settings.wecom_passive_reply,
+            callback_secret=settings.callback_secret,
+            timestamp_tolerance_s=settings.wecom_timestamp_tolerance_s,
         )
+
+    def fresh(self, timestamp: str, now_s: Optional[int]) -> bool:
+        """Whether a signed ``timestamp`` (epoch seconds) is close enough to ``now_s``."""
+        if now_s is None or self.timestamp_tolerance_s <= 0:
+            return True
+        return bool(_TIMESTAMP.fullmatch(timestamp)) and abs(now_s - int(timestamp)) <= self.timestamp_tolerance_s
 
 
 # -- GET: URL verification -------------------------------------------------------------------
 
 
-def verify_url(query: Mapping[str, str], config: CryptoConfig) -> Rendered:
+def verify_url(query: Mapping[str, str], config: CryptoConfig, now_s: Optional[int] = None) -> Rendered:
     """Answer WeCom's URL check (§2.11).
 
-    The signature is only checked when a token is configured and msg_signature, timestamp
-    and nonce are all present, as in the reference. An echostr that does not decrypt is a
-    400 ``invalid_echostr`` (the reference crashes into a 500).
+    With a token configured, a ``msg_signature`` is checked (timestamp and nonce then required,
+    and the timestamp fresh when ``now_s`` is given); without one the check is skipped, as in the
+    reference. An echostr that does not decrypt is a 400 ``invalid_echostr`` (the reference
+    crashes into a 500).
     """
     echostr = query.get("echostr")
     if not echostr:
         return json_rendered(400, {"error": "missing_echostr"})
     signature, timestamp, nonce = query.get("msg_signature"), query.get("timestamp"), query.get("nonce")
-    if config.token and signature and timestamp and nonce:
+    if config.token and signature:
+        if not timestamp or not nonce:
+            return json_rendered(400, {"error": "missing_signature_fields"})
         if not verify_signature(config.token, timestamp, nonce, echostr, signature):
             return json_rendered(401, {"error": "invalid_signature"})
+        if not config.fresh(timestamp, now_s):
+            return json_rendered(401, {"error": "stale_timestamp"})
     if config.aes_key:
         try:
             return Rendered(200, TEXT_CONTENT_TYPE, decrypt_message(echostr, config.aes_key))
@@ -201,11 +239,13 @@ def normalize(source: CallbackFields) -> InboundMessage:
     )
 
 
-def inbound_from_body(body: Any, query: Mapping[str, str], config: CryptoConfig) -> InboundMessage:
+def inbound_from_body(body: Any, query: Mapping[str, str], config: CryptoConfig,
+                      now_s: Optional[int] = None) -> InboundMessage:
     """The callback's message, or ``CallbackRejected`` (400/401) before any gate runs.
 
     With an ``encrypt`` field the decrypted payload replaces the outer message, reply
-    target included, while XML mode stays that of the outer body (§4.3).
+    target included, while XML mode stays that of the outer body (§4.3). Its timestamp must
+    be fresh when ``now_s`` is given.
     """
     outer = read_callback_body(body)
     encrypted = outer.encrypt
@@ -218,12 +258,44 @@ def inbound_from_body(body: Any, query: Mapping[str, str], config: CryptoConfig)
         raise CallbackRejected(400, "missing_signature_fields")
     if not verify_signature(config.token, timestamp, nonce, encrypted, signature):
         raise CallbackRejected(401, "invalid_signature")
+    if not config.fresh(timestamp, now_s):
+        raise CallbackRejected(401, "stale_timestamp")
     try:
         plaintext = decrypt_message(encrypted, config.aes_key)
     except WeComCryptoError:
         raise CallbackRejected(400, "invalid_encrypted_payload") from None
     inner = normalize(read_decrypted_payload(plaintext))
     return replace(inner, xml_mode=outer.xml_mode, encrypted=True)
+
+
+def check_unsigned_callback(query: Mapping[str, str], presented_secret: Optional[str], config: CryptoConfig,
+                            now_s: Optional[int] = None) -> None:
+    """Authenticate a POST that is not in the encrypted form; raise ``CallbackRejected``.
+
+    A plaintext-mode ``signature`` in the query is verified (with a token configured) and then
+    suffices. Otherwise, with a shared secret configured, ``presented_secret`` must equal it.
+    """
+    signature = query.get("signature")
+    if config.token and signature:
+        timestamp, nonce = query.get("timestamp"), query.get("nonce")
+        if not timestamp or not nonce:
+            raise CallbackRejected(400, "missing_signature_fields")
+        if not verify_plain_signature(config.token, timestamp, nonce, signature):
+            raise CallbackRejected(401, "invalid_signature")
+        if not config.fresh(timestamp, now_s):
+            raise CallbackRejected(401, "stale_timestamp")
+        return
+    if config.callback_secret is None:
+        return
+    if presented_secret is None or not hmac.compare_digest(
+            presented_secret.encode("utf-8", "surrogatepass"), config.callback_secret.encode("utf-8")):
+        raise CallbackRejected(401, "unauthorized_callback")
+
+
+def check_ids(msg: InboundMessage) -> None:
+    """The ids a message brings must be valid before they become keys or log fields (``relay.ids``)."""
+    if any(value and not valid_id(value) for value in (msg.msg_id, msg.user_id, msg.machine_id)):
+        raise CallbackRejected(400, "invalid_id")
 
 
 # -- the ack ---------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from relay.stores.keys import escape_id
 
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 
@@ -70,6 +73,49 @@ def validate_limit(limit: object) -> Optional[int]:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     return limit
+
+
+@dataclass(frozen=True)
+class CounterGuard:
+    """A hit counted before a reservation: add ``amount`` to the counter ``key`` (created with
+    ``ttl_ms``) and reserve only while the new count is at most ``limit``."""
+
+    key: str
+    amount: int
+    ttl_ms: Optional[int]
+    limit: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One ``Store`` call as data: the method ``name`` and its positional ``args``, so calls can be
+    queued and sent together (``Store.execute``)."""
+
+    name: str
+    args: tuple[Any, ...]
+
+    def keys(self) -> tuple[str, ...]:
+        """The keys the call touches."""
+        if self.name == "delete":
+            return tuple(self.args)
+        if self.name in ("mget", "mset"):
+            return tuple(self.args[0])
+        if self.name == "guarded_reserve":
+            return (self.args[0].key, self.args[1])
+        return (self.args[0],)
+
+    def run(self, store: "Store") -> Any:
+        return getattr(store, self.name)(*self.args)
+
+
+#: Calls that change nothing.
+READ_OPS = frozenset({"get", "mget", "ttl_ms", "index_range", "index_count"})
+#: Calls ``execute`` can send together (locks and introspection always go alone).
+PIPELINE_OPS = READ_OPS | frozenset({"set", "mset", "delete", "set_if_absent", "compare_and_set",
+                                     "compare_and_delete", "incr", "index_add", "index_remove", "index_trim",
+                                     "index_add_capped", "guarded_reserve"})
+#: Plain writes whose answer nobody waits for: they may be deferred to a unit of work's next round trip.
+DEFERRABLE_OPS = frozenset({"set", "mset", "delete", "index_add", "index_remove", "index_add_capped"})
 
 
 class Store(abc.ABC):
@@ -177,6 +223,45 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def index_trim(self, key: str, max_size: int) -> list[str]:
         """Drop the lowest-scored members beyond ``max_size``; return them."""
+
+    # -- compound operations (one round trip where the backend allows) -----------------------
+    def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
+                         record_prefix: str) -> list[str]:
+        """``index_add``, then ``index_trim`` to ``max_size`` and delete the records of the dropped
+        members (``record_prefix + escape_id(member)``); return the dropped members."""
+        self.index_add(key, members)
+        dropped = self.index_trim(key, max_size)
+        if dropped:
+            self.delete(*(record_prefix + escape_id(m) for m in dropped))
+        return dropped
+
+    def guarded_reserve(self, guard: CounterGuard, key: str, value: str, ttl_ms: Optional[int] = None,
+                        counter: Optional["Store"] = None) -> tuple[int, bool]:
+        """Count the ``guard``'s hit (on ``counter`` when the counter lives in another store), then,
+        while the count is within its limit, ``set_if_absent``. Returns ``(count, reserved)``; nothing
+        is reserved beyond the limit."""
+        count = (counter or self).incr(guard.key, guard.amount, guard.ttl_ms)
+        if count > guard.limit:
+            return count, False
+        return count, self.set_if_absent(key, value, ttl_ms)
+
+    def execute(self, ops: Sequence[Op]) -> list[Any]:
+        """Run ``ops`` in order and return their results (one round trip on Redis; not atomic)."""
+        return [op.run(self) for op in ops]
+
+    # -- units of work (``middleware.unit_of_work``); plain stores run everything at once --------
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Announce reads this unit of work will make, so they can ride along with its next round trip."""
+
+    def defer(self, op: Op) -> None:
+        """A plain write (``DEFERRABLE_OPS``) nobody waits for: sent with the unit of work's next round
+        trip, at the latest when it ends. A plain store writes at once."""
+        if op.name not in DEFERRABLE_OPS:
+            raise ValueError(f"{op.name} cannot be deferred")
+        op.run(self)
+
+    def flush(self) -> None:
+        """Send the deferred writes of this unit of work now."""
 
     # -- lifecycle --------------------------------------------------------------------
     def ping(self) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from relay.stores.base import Store
+from relay.stores.base import CounterGuard, Op, Store
 from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema
 from relay.stores.keys import KeySpace
 
@@ -33,6 +33,15 @@ class Domain:
     schema: EnvelopeSchema
     #: Records and domain indexes share one Redis Cluster slot (see relay.stores.keys).
     colocated: bool = False
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A hit on one domain's counter, counted together with a reservation in another
+    (``DomainStore.set_if_absent_within``)."""
+
+    store: "DomainStore"
+    guard: CounterGuard
 
 
 class CasConflict(Exception):
@@ -152,9 +161,40 @@ class DomainStore:
     def ttl_ms(self, id_: str) -> Optional[int]:
         return self.store.ttl_ms(self.key(id_))
 
+    def set_if_absent_within(self, id_: str, data: Any, ttl_ms: Optional[int], hit: Hit) -> tuple[int, bool]:
+        """Count ``hit``, then reserve ``id_`` only while the count is within the hit's limit: one
+        round trip when both domains live on one Redis. Returns ``(count, reserved)``."""
+        return self.store.guarded_reserve(hit.guard, self.key(id_), self.encode(data), ttl_ms, hit.store.store)
+
+    # -- units of work ------------------------------------------------------------------
+    def prefetch(self, *ids: str) -> None:
+        """Reads this unit of work will make: they ride along with its next round trip."""
+        self.store.prefetch([self.key(i) for i in ids])
+
+    def defer_set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> None:
+        """``set``, sent with the unit of work's next round trip (at the latest when it ends)."""
+        self.store.defer(Op("set", (self.key(id_), self.encode(data), ttl_ms)))
+
+    def defer_index_add(self, index: str, members: Mapping[str, float]) -> None:
+        """``index_add``, sent with the unit of work's next round trip."""
+        self.store.defer(Op("index_add", (self.index_key(index), dict(members))))
+
+    def flush(self) -> None:
+        """Send this unit of work's deferred writes now."""
+        self.store.flush()
+
     # -- counters -----------------------------------------------------------------------
     def incr(self, id_: str, amount: int = 1, ttl_ms: Optional[int] = None) -> int:
         return self.store.incr(self.key(id_), amount, ttl_ms)
+
+    def hit(self, id_: str, amount: int, ttl_ms: Optional[int], limit: int) -> Hit:
+        """A hit of ``amount`` on the counter ``id_`` (window ``ttl_ms``), allowed up to ``limit``; not
+        counted until passed to ``set_if_absent_within`` or ``count``."""
+        return Hit(self, CounterGuard(self.key(id_), amount, ttl_ms, limit))
+
+    def count(self, hit: Hit) -> int:
+        """Count ``hit`` alone; return the new count."""
+        return self.store.incr(hit.guard.key, hit.guard.amount, hit.guard.ttl_ms)
 
     # -- locks --------------------------------------------------------------------------
     def acquire_lock(self, name: str, token: str, ttl_ms: int) -> bool:
@@ -189,3 +229,14 @@ class DomainStore:
 
     def index_trim(self, index: str, max_size: int) -> list[str]:
         return self.store.index_trim(self.index_key(index), max_size)
+
+    def index_add_capped(self, index: str, members: Mapping[str, float], max_size: int,
+                         defer: bool = False) -> list[str]:
+        """``index_add``, then drop the lowest-scored members beyond ``max_size`` together with their
+        records (one round trip on Redis); return them. With ``defer`` the call is sent with the unit
+        of work's next round trip and returns nothing."""
+        op = Op("index_add_capped", (self.index_key(index), dict(members), max_size, self._prefix))
+        if defer:
+            self.store.defer(op)
+            return []
+        return self.store.index_add_capped(*op.args)

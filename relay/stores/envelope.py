@@ -15,8 +15,12 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 import marshmallow
+from marshmallow import fields as mfields
+from marshmallow import validate as mvalidate
 
 Upgrade = Callable[[Any], Any]
+#: A quick check of ``data``: ``True`` only when marshmallow would accept it too.
+Check = Callable[[Any], bool]
 
 
 class EnvelopeError(ValueError):
@@ -63,9 +67,17 @@ class EnvelopeSchema:
         missing = [v for v in range(1, self.version) if v not in self.upgrades]
         if missing:
             raise ValueError(f"no upgrade from version(s) {missing} to {self.version}")
+        self._quick: Optional[Check] = quick_check(self.data_schema)
+
+    def errors(self, data: Any) -> Any:
+        """marshmallow's validation errors for ``data`` (empty when valid). Data the quick check
+        accepts skips marshmallow, which is the slow part of every store call."""
+        if self._quick is not None and self._quick(data):
+            return {}
+        return self.data_schema.validate(_as_mapping(data))
 
     def encode(self, data: Any, now_ms: int) -> str:
-        errors = self.data_schema.validate(_as_mapping(data))
+        errors = self.errors(data)
         if errors:
             raise ValueError(f"invalid data for this domain: {errors}")
         try:
@@ -97,10 +109,99 @@ class EnvelopeSchema:
                 data = self.upgrades[v](data)
         except Exception as exc:  # an upgrade meeting data it cannot handle is corruption
             raise EnvelopeError("corrupt", f"upgrade from version {v} failed: {exc}") from exc
-        errors = self.data_schema.validate(_as_mapping(data))
+        errors = self.errors(data)
         if errors:
             raise EnvelopeError("corrupt", f"data does not match the schema: {errors}")
         return Entry(data=data, updated_at=updated_at, raw=raw)
+
+
+def quick_check(schema: marshmallow.Schema) -> Optional[Check]:
+    """A check accepting only data ``schema.validate`` accepts: declared fields of exact JSON types
+    (``str`` for String, ``int`` but not ``bool`` for Integer, ...), required ones present, none
+    other. ``None`` when the schema uses something it does not model (hooks, other field types or
+    validators, renamed fields); a ``False`` answer means "ask marshmallow", never "invalid"."""
+    if schema._hooks and any(schema._hooks.values()):
+        return None
+    checks: dict[str, Check] = {}
+    required = []
+    for name, field_ in schema.fields.items():
+        if field_.data_key not in (None, name) or field_.attribute not in (None, name):
+            return None
+        check = _field_check(field_)
+        if check is None:
+            return None
+        checks[name] = check
+        if field_.required:
+            required.append(name)
+    allowed = frozenset(checks)
+
+    def valid(data: Any) -> bool:
+        if type(data) is not dict or not allowed.issuperset(data):
+            return False
+        for name in required:
+            if name not in data:
+                return False
+        for name, value in data.items():
+            if not checks[name](value):
+                return False
+        return True
+
+    return valid
+
+
+def _field_check(field_: mfields.Field) -> Optional[Check]:
+    """A quick check of one field's value, or ``None`` when the field is not modelled."""
+    value_check: Optional[Check]
+    if len(field_.validators) > 1 or (field_.validators and not isinstance(field_.validators[0], mvalidate.OneOf)):
+        return None
+    if type(field_) is mfields.String:
+        value_check = _is_str
+    elif type(field_) is mfields.Integer and not field_.strict:
+        value_check = _is_int
+    elif type(field_) is mfields.Raw:
+        value_check = _anything
+    elif type(field_) is mfields.Dict and isinstance(field_.key_field, mfields.String) \
+            and isinstance(field_.value_field, mfields.String) and type(field_.key_field) is mfields.String \
+            and type(field_.value_field) is mfields.String and not field_.key_field.validators \
+            and not field_.value_field.validators:
+        value_check = _is_str_dict
+    elif type(field_) is mfields.Nested and isinstance(field_.schema, marshmallow.Schema) and not field_.many:
+        value_check = quick_check(field_.schema)
+    elif type(field_) is mfields.List and type(field_.inner) is mfields.Nested and not field_.validators:
+        item = quick_check(field_.inner.schema) if not field_.inner.many else None
+        value_check = None if item is None else _list_of(item)
+    else:
+        return None
+    if value_check is None:
+        return None
+    if field_.validators:
+        choices = frozenset(field_.validators[0].choices)
+        base = value_check
+        value_check = lambda value: base(value) and value in choices  # noqa: E731
+    if field_.allow_none:
+        inner = value_check
+        return lambda value: value is None or inner(value)
+    return value_check
+
+
+def _is_str(value: Any) -> bool:
+    return type(value) is str
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _anything(value: Any) -> bool:
+    return value is not None
+
+
+def _is_str_dict(value: Any) -> bool:
+    return type(value) is dict and all(type(k) is str and type(v) is str for k, v in value.items())
+
+
+def _list_of(item: Check) -> Check:
+    return lambda value: type(value) is list and all(item(v) for v in value)
 
 
 def _as_mapping(data: Any) -> Any:

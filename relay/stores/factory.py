@@ -1,15 +1,21 @@
 """Builds the backends the settings ask for; nothing here knows Flask or phases."""
 from __future__ import annotations
 
+from config.redis_target import CLUSTER, parse_redis_url
 from config.settings import Settings
 from middleware.breaker import GuardedBreaker
 from middleware.retry import RetryPolicy
 from relay.stores.base import Store
+from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
+from relay.stores.redis_cluster import RedisClusterStore
+from relay.stores.replication import ReplicaWait
 
 
 def build_redis_store(settings: Settings) -> RedisStore:
+    """A ``RedisStore`` (``RedisClusterStore`` for a cluster URL) with the settings' timeouts and
+    ``REDIS_WAIT_REPLICAS``."""
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")
     breaker = GuardedBreaker(
@@ -18,7 +24,8 @@ def build_redis_store(settings: Settings) -> RedisStore:
         throw_new_error_on_trip=False,
         name="redis",
     )
-    return RedisStore(
+    store_class = RedisClusterStore if parse_redis_url(settings.redis_url).kind == CLUSTER else RedisStore
+    return store_class(
         settings.redis_url,
         breaker=breaker,
         retry=RetryPolicy(max_retries=settings.redis_max_retries),
@@ -27,6 +34,8 @@ def build_redis_store(settings: Settings) -> RedisStore:
         op_deadline_ms=max(settings.redis_op_deadline_ms,
                            settings.redis_socket_timeout_ms + settings.redis_connect_timeout_ms),
         max_value_bytes=settings.store_max_value_bytes,
+        replica_wait=ReplicaWait.for_domains(KeySpace(settings.store_app, settings.store_env),
+                                             settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
     )
 
 

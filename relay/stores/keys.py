@@ -24,6 +24,8 @@ import re
 
 MAX_ESCAPED_ID = 200
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
+#: Ids that escape to themselves (the common case: uuids, WeCom ids), recognised in one match.
+_PLAIN = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_ESCAPED_ID)
 _SEGMENT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
@@ -31,6 +33,8 @@ def escape_id(raw: str) -> str:
     """Escape one id for use as the last key segment."""
     if not isinstance(raw, str):
         raise TypeError(f"key ids are strings, got {type(raw).__name__}")
+    if _PLAIN.fullmatch(raw):
+        return raw
     out = []
     for ch in raw:
         if _SAFE.fullmatch(ch):
@@ -71,3 +75,16 @@ class KeySpace:
     def index_key(self, domain: str, name: str, colocated: bool = False) -> str:
         """A domain-wide structure (sorted index, lock). ``#`` cannot appear in escaped ids."""
         return self.prefix(domain, colocated) + "#" + escape_id(name)
+
+
+#: ``escape_id`` in Lua, for scripts that derive a record key from an index member. Returns ``nil``
+#: where ``escape_id`` would hash the id (Redis Lua has no SHA-256); the caller handles those ids.
+LUA_ESCAPE_ID = """
+local function escape_id(id)
+  if id == '' then return '%%' end
+  local out = string.gsub(id, '[^A-Za-z0-9._-]', function(c) return string.format('%%%%%%02X', string.byte(c)) end)
+  if #out > %d then return nil end
+  return out
+end
+""" % MAX_ESCAPED_ID
+

@@ -25,8 +25,25 @@ How a call runs:
   epoch) and checks it on every new connection and on ``check_data_loss``. A
   marker gone or changed means the server lost its data (a restart without
   persistence, a flush); listeners are told once per loss.
+* The URL may name one server, a primary managed by Sentinel or a Redis Cluster
+  (``config/redis_target.py``); ``relay/stores/redis_connect.py`` makes the client.
+  A cluster needs ``RedisClusterStore`` (``relay/stores/redis_cluster.py``).
+* With ``replica_wait`` (``REDIS_WAIT_REPLICAS``), writes to the correctness-critical
+  domains go through ``execute`` and are followed by ``WAIT`` on the same connection
+  (``relay/stores/replication.py``).
 * Atomic helpers are single commands (``SET NX PX``) or Lua scripts, each
-  touching one key, so they are Redis Cluster-safe as they are.
+  touching one key, so they are Redis Cluster-safe as they are. Two compound
+  operations touch more: ``index_add_capped`` deletes the records of trimmed
+  members, which share the index's slot in colocated domains (``{domain}`` hash
+  tag, ``relay.stores.keys``); ``guarded_reserve`` touches a rate-limit counter and
+  a reservation, which do not share a slot, so it runs as one script only with
+  ``cross_slot_scripts`` (a single server; turn it off for Redis Cluster, and the
+  two steps then take two round trips).
+* ``execute`` sends a list of operations in one pipeline (one round trip, no
+  ``MULTI``): the unit of work (``middleware.unit_of_work``) uses it to carry
+  deferred writes and prefetched reads with the call that needs an answer.
+  Scripts in a pipeline are sent with ``EVAL`` (the server caches them by hash),
+  since redis-py would spend a round trip on ``SCRIPT EXISTS`` for ``EVALSHA``.
 """
 from __future__ import annotations
 
@@ -42,14 +59,14 @@ from typing import Any, Optional, TypeVar, Union
 
 import pybreaker
 import redis
-from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
 from middleware.retry import RetryPolicy
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
+    CounterGuard,
+    Op,
     Store,
     StoreError,
     StoreUnavailable,
@@ -58,6 +75,9 @@ from relay.stores.base import (
     validate_ttl,
     validate_value,
 )
+from relay.stores.keys import LUA_ESCAPE_ID, escape_id
+from relay.stores.redis_connect import ClientOptions, connect, is_cluster
+from relay.stores.replication import ReplicaWait
 
 log = logging.getLogger("relay.stores")
 
@@ -123,6 +143,55 @@ local victims = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
 return victims
 """
+
+
+# KEYS[1] the index; ARGV: max_size, record_prefix, then member/score pairs. Adds, trims the lowest
+# beyond max_size and deletes their records; returns {dropped, dropped whose key needs a hash}.
+_INDEX_ADD_CAPPED = LUA_ESCAPE_ID + """
+local key = KEYS[1]
+for i = 3, #ARGV, 2 do redis.call('ZADD', key, ARGV[i + 1], ARGV[i]) end
+local excess = redis.call('ZCARD', key) - tonumber(ARGV[1])
+if excess <= 0 then return {{}, {}} end
+local victims = redis.call('ZRANGE', key, 0, excess - 1)
+redis.call('ZREMRANGEBYRANK', key, 0, excess - 1)
+local hashed = {}
+for _, member in ipairs(victims) do
+  local id = escape_id(member)
+  if id then redis.call('DEL', ARGV[2] .. id) else hashed[#hashed + 1] = member end
+end
+return {victims, hashed}
+"""
+
+# KEYS: counter, reservation; ARGV: amount, counter_ttl_ms ("" = none), limit, value, ttl_ms ("" = none).
+_GUARDED_RESERVE = """
+local created = redis.call('EXISTS', KEYS[1]) == 0
+local count = redis.call('INCRBY', KEYS[1], ARGV[1])
+if created and ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if count > tonumber(ARGV[3]) then return {count, 0} end
+local ok
+if ARGV[5] == '' then ok = redis.call('SET', KEYS[2], ARGV[4], 'NX')
+else ok = redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) end
+if ok then return {count, 1} end
+return {count, 0}
+"""
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """One operation ready for a pipeline: how to queue it and how to read its reply."""
+
+    queue: Callable[[Any], Any]
+    convert: Callable[[Any], Any]
+    idempotent: bool
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def _pad(args: tuple[Any, ...], size: int) -> tuple[Any, ...]:
+    """Positional arguments with the optional trailing ones (all defaulting to ``None``) filled in."""
+    return (*args, *(None,) * (size - len(args)))
 
 
 @dataclass(frozen=True)
@@ -221,6 +290,8 @@ class RedisStore(Store):
     """
 
     backend_name = "redis"
+    #: Splits multi-key operations by hash slot (``RedisClusterStore``).
+    cluster_aware = False
 
     def __init__(
         self,
@@ -233,8 +304,14 @@ class RedisStore(Store):
         op_deadline_ms: int = 800,
         max_connections: Optional[int] = None,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        cross_slot_scripts: bool = True,
+        replica_wait: Optional[ReplicaWait] = None,
     ) -> None:
         super().__init__(max_value_bytes)
+        #: ``WAIT`` after writes of the correctness-critical domains (``relay.stores.replication``).
+        self.replica_wait = replica_wait
+        #: Scripts may touch keys of different slots (one server, not Redis Cluster).
+        self.cross_slot_scripts = cross_slot_scripts
         self._target = target
         self.breaker = breaker
         self.retry = retry
@@ -252,7 +329,9 @@ class RedisStore(Store):
         self._bind_lock = threading.Lock()
         self._marker_key: Optional[str] = None
         self._epoch: Optional[str] = None
-        self._marker_lock = threading.Lock()
+        # Re-entrant: the periodic check holds it while its command may open a new connection,
+        # whose hook inspects the marker too.
+        self._marker_lock = threading.RLock()
         self._loss_listeners: list[DataLossListener] = []
 
     @classmethod
@@ -274,7 +353,8 @@ class RedisStore(Store):
     @property
     def degraded(self) -> bool:
         """The breaker is not closed, the last call did not reach the server, or a write was
-        refused in the last ``WRITE_REFUSAL_HOLD_S`` seconds."""
+        refused in the last ``WRITE_REFUSAL_HOLD_S`` seconds (and no write succeeded since, as far
+        as ``check_data_loss`` found out)."""
         refused_at = self._health.writes_refused_at
         return (self.breaker_state != pybreaker.STATE_CLOSED or self._health.reachable is False
                 or (refused_at is not None and time.monotonic() - refused_at < WRITE_REFUSAL_HOLD_S))
@@ -319,20 +399,18 @@ class RedisStore(Store):
         if callable(self._target):
             client = self._target()
         else:
-            client = redis.Redis.from_url(
-                self._target,
-                socket_timeout=self.socket_timeout_ms / 1000.0,
-                socket_connect_timeout=self.connect_timeout_ms / 1000.0,
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=True,
+            client = connect(self._target, ClientOptions(
+                socket_timeout_s=self.socket_timeout_ms / 1000.0,
+                connect_timeout_s=self.connect_timeout_ms / 1000.0,
                 max_connections=self._max_connections,
-                health_check_interval=0,
-                redis_connect_func=self._on_connect,
-            )
+                on_connect=self._on_connect,
+            ))
             if not HIREDIS_AVAILABLE:
                 log.warning("hiredis is not installed: redis-py uses its pure-Python parser")
         if not client.get_encoder().decode_responses:
             raise ValueError("RedisStore needs a client made with decode_responses=True")
+        if is_cluster(client) and not self.cluster_aware:
+            raise ValueError("a Redis Cluster needs RedisClusterStore (relay.stores.redis_cluster)")
         return _Bound(
             pid=pid,
             client=client,
@@ -412,6 +490,9 @@ class RedisStore(Store):
     def set(self, key: str, value: str, ttl_ms: Optional[int] = None) -> None:
         ttl_ms = validate_ttl(ttl_ms)
         value = validate_value(value, self.max_value_bytes)
+        if self._waits_for(key):
+            self.execute([Op("set", (key, value, ttl_ms))])
+            return
         self._run(lambda b: b.client.set(key, value, px=ttl_ms), idempotent=True)
 
     def delete(self, *keys: str) -> int:
@@ -441,6 +522,8 @@ class RedisStore(Store):
     def set_if_absent(self, key: str, value: str, ttl_ms: Optional[int] = None) -> bool:
         ttl_ms = validate_ttl(ttl_ms)
         value = validate_value(value, self.max_value_bytes)
+        if self._waits_for(key):
+            return bool(self.execute([Op("set_if_absent", (key, value, ttl_ms))])[0])
         return bool(self._run(lambda b: b.client.set(key, value, nx=True, px=ttl_ms), idempotent=False))
 
     def compare_and_set(
@@ -455,6 +538,8 @@ class RedisStore(Store):
 
     def compare_and_delete(self, key: str, expected: str) -> bool:
         expected = validate_value(expected, self.max_value_bytes)
+        if self._waits_for(key):
+            return bool(self.execute([Op("compare_and_delete", (key, expected))])[0])
         return self._run(lambda b: b.delete_if_equal(keys=[key], args=[expected]), idempotent=False) == 1
 
     def incr(self, key: str, amount: int = 1, ttl_ms: Optional[int] = None) -> int:
@@ -524,6 +609,156 @@ class RedisStore(Store):
         max_size = _check_max_size(max_size)
         return list(self._run(lambda b: b.index_trim(keys=[key], args=[max_size]), idempotent=False))
 
+    # -- compound operations ----------------------------------------------------------------------
+    def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
+                         record_prefix: str) -> list[str]:
+        (result,) = self.execute([Op("index_add_capped", (key, members, max_size, record_prefix))])
+        return result
+
+    def guarded_reserve(self, guard: CounterGuard, key: str, value: str, ttl_ms: Optional[int] = None,
+                        counter: Optional[Store] = None) -> tuple[int, bool]:
+        if not self.cross_slot_scripts or counter not in (None, self):
+            return super().guarded_reserve(guard, key, value, ttl_ms, counter)
+        (result,) = self.execute([Op("guarded_reserve", (guard, key, value, ttl_ms))])
+        return result
+
+    def execute(self, ops: Sequence[Op]) -> list[Any]:
+        """Run ``ops`` in order in one pipeline and return their results. Every argument is checked
+        before anything is sent. Retried (as a whole) only when every operation is idempotent; a server
+        error in any of them raises like the operation would alone, after the others ran."""
+        queued = [self._queued(op) for op in ops]
+        if not queued:
+            return []
+
+        wait = self.replica_wait if self.replica_wait is not None and self.replica_wait.waits_for(ops) else None
+
+        def run(b: _Bound) -> list[Any]:
+            pipe = self._pipeline(b, ops)
+            for item in queued:
+                item.queue(pipe)
+            if wait is not None:
+                pipe.wait(wait.replicas, wait.timeout_ms)
+            replies = pipe.execute(raise_on_error=False)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
+            if wait is not None:
+                wait.settle(b.client, ops, replies, int(replies.pop()))
+            return replies
+
+        replies = self._run(run, idempotent=all(item.idempotent for item in queued))
+        results = [item.convert(reply) for item, reply in zip(queued, replies)]
+        for op, result in zip(ops, results):
+            if op.name == "index_add_capped" and result[1]:
+                self.delete(*(op.args[3] + escape_id(m) for m in result[1]))
+        return [result[0] if op.name == "index_add_capped" else result for op, result in zip(ops, results)]
+
+    def _pipeline(self, b: _Bound, ops: Sequence[Op]) -> Any:
+        """A non-transactional pipeline (one connection) for ``ops``."""
+        return b.client.pipeline(transaction=False)
+
+    def _waits_for(self, key: str) -> bool:
+        return self.replica_wait is not None and self.replica_wait.covers(key)
+
+    def _queued(self, op: Op) -> _Queued:
+        """Check ``op``'s arguments and describe how it is pipelined."""
+        name, args = op.name, op.args
+        if name == "get":
+            (key,) = args
+            return _Queued(lambda p: p.get(key), _same, True)
+        if name == "mget":
+            keys = list(args[0])
+            return _Queued(lambda p: p.mget(keys), _same, True)
+        if name == "set":
+            key, value, ttl_ms = _pad(args, 3)
+            ttl_ms = validate_ttl(ttl_ms)
+            value = validate_value(value, self.max_value_bytes)
+            return _Queued(lambda p: p.set(key, value, px=ttl_ms), lambda _: None, True)
+        if name == "mset":
+            items, ttl_ms = _pad(args, 2)
+            ttl_ms = validate_ttl(ttl_ms)
+            checked = {k: validate_value(v, self.max_value_bytes) for k, v in items.items()}
+            keys = list(checked)
+            if ttl_ms is None:
+                return _Queued(lambda p: p.mset(checked), lambda _: None, True)
+            values = [checked[k] for k in keys] + [ttl_ms]
+            return _Queued(lambda p: p.eval(_MSET_WITH_TTL, len(keys), *keys, *values), lambda _: None, True)
+        if name == "delete":
+            keys = list(args)
+            return _Queued(lambda p: p.delete(*keys), _same, True)
+        if name == "set_if_absent":
+            key, value, ttl_ms = _pad(args, 3)
+            ttl_ms = validate_ttl(ttl_ms)
+            value = validate_value(value, self.max_value_bytes)
+            return _Queued(lambda p: p.set(key, value, nx=True, px=ttl_ms), bool, False)
+        if name == "compare_and_set":
+            key, expected, value, ttl_ms = _pad(args, 4)
+            ttl_ms = validate_ttl(ttl_ms)
+            value = validate_value(value, self.max_value_bytes)
+            argv = ["0" if expected is None else "1", expected or "", value, _ttl_arg(ttl_ms)]
+            return _Queued(lambda p: p.eval(_COMPARE_AND_SET, 1, key, *argv), lambda r: r == 1, False)
+        if name == "compare_and_delete":
+            key, expected = args
+            expected = validate_value(expected, self.max_value_bytes)
+            return _Queued(lambda p: p.eval(_DELETE_IF_EQUAL, 1, key, expected), lambda r: r == 1, False)
+        if name == "incr":
+            key, amount, ttl_ms = _pad(args, 3)
+            ttl_ms = validate_ttl(ttl_ms)
+            amount = _check_amount(1 if amount is None else amount)
+            if ttl_ms is None:
+                return _Queued(lambda p: p.incrby(key, amount), int, False)
+            return _Queued(lambda p: p.eval(_INCR_WITH_TTL, 1, key, amount, ttl_ms), int, False)
+        if name == "ttl_ms":
+            (key,) = args
+            return _Queued(lambda p: p.pttl(key), lambda r: None if r < 0 else max(1, r), True)
+        if name == "index_add":
+            key, members = args
+            scores = {str(m): float(s) for m, s in members.items()}
+            return _Queued(lambda p: p.zadd(key, scores) if scores else p.exists(key), lambda _: None, True)
+        if name == "index_remove":
+            key, members = args
+            names = [str(m) for m in members]
+            return _Queued(lambda p: p.zrem(key, *names) if names else p.exists(key),
+                           lambda r: r if names else 0, True)
+        if name == "index_count":
+            (key,) = args
+            return _Queued(lambda p: p.zcard(key), int, True)
+        if name == "index_range":
+            key, limit, newest_first, min_score, max_score = _pad(args, 5)
+            limit = validate_limit(limit)
+            newest_first = True if newest_first is None else newest_first
+            lo = "-inf" if min_score is None else float(min_score)
+            hi = "+inf" if max_score is None else float(max_score)
+            start, num = (None, None) if limit is None else (0, limit)
+
+            def range_(p: Any) -> Any:
+                if newest_first:
+                    return p.zrevrangebyscore(key, hi, lo, start=start, num=num, withscores=True)
+                return p.zrangebyscore(key, lo, hi, start=start, num=num, withscores=True)
+
+            return _Queued(range_, lambda r: [] if limit == 0 else [(m, float(s)) for m, s in r], True)
+        if name == "index_trim":
+            key, max_size = args
+            max_size = _check_max_size(max_size)
+            return _Queued(lambda p: p.eval(_INDEX_TRIM, 1, key, max_size), list, False)
+        if name == "index_add_capped":
+            key, members, max_size, record_prefix = args
+            max_size = _check_max_size(max_size)
+            argv: list[Any] = [max_size, record_prefix]
+            for member, score in members.items():
+                argv += [str(member), repr(float(score))]
+            return _Queued(lambda p: p.eval(_INDEX_ADD_CAPPED, 1, key, *argv),
+                           lambda r: (list(r[0]), list(r[1])), True)
+        if name == "guarded_reserve":
+            guard, key, value, ttl_ms = _pad(args, 4)
+            ttl_ms = validate_ttl(ttl_ms)
+            counter_ttl = validate_ttl(guard.ttl_ms)
+            value = validate_value(value, self.max_value_bytes)
+            argv = [_check_amount(guard.amount), _ttl_arg(counter_ttl), guard.limit, value, _ttl_arg(ttl_ms)]
+            return _Queued(lambda p: p.eval(_GUARDED_RESERVE, 2, guard.key, key, *argv),
+                           lambda r: (int(r[0]), r[1] == 1), False)
+        raise ValueError(f"{name} cannot be pipelined")  # not in PIPELINE_OPS
+
     # -- introspection ---------------------------------------------------------------------------
     def scan_keys(self, prefix: str) -> list[str]:
         pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", prefix) + "*"
@@ -541,11 +776,18 @@ class RedisStore(Store):
         self._loss_listeners.append(listener)
 
     def check_data_loss(self) -> bool:
-        """Look at the marker now; ``True`` when a loss was noticed. Raises ``StoreUnavailable``."""
+        """Look at the marker now; ``True`` when a loss was noticed. While writes were refused lately,
+        also rewrite the marker: once that succeeds the server takes writes again (``degraded`` ends).
+        Raises ``StoreUnavailable``."""
         key = self._marker_key
         if key is None:
             return False
-        return self._run(lambda b: self._inspect_marker(key, b.client.execute_command), idempotent=False)
+        lost = self._run(lambda b: self._inspect_marker(key, b.client.execute_command), idempotent=False)
+        if self._health.writes_refused_at is not None and self._epoch is not None:
+            epoch = self._epoch
+            self._run(lambda b: b.client.set(key, epoch, xx=True), idempotent=True)
+            self._health.writes_refused_at = None
+        return lost
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection: the usual handshake, then the marker. The first

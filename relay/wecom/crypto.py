@@ -51,6 +51,18 @@ def create_signature(token: str, timestamp: str, nonce: str, encrypted: str) -> 
     return hashlib.sha1(joined.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def create_plain_signature(token: str, timestamp: str, nonce: str) -> str:
+    """The plaintext-mode ``signature``: SHA-1 hex of token, timestamp and nonce sorted and joined."""
+    joined = "".join(sorted([token, timestamp, nonce], key=_utf16_order))
+    return hashlib.sha1(joined.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def verify_plain_signature(token: str, timestamp: str, nonce: str, signature: str) -> bool:
+    """Exact match of a plaintext-mode ``signature``, compared in constant time."""
+    expected = create_plain_signature(token, timestamp, nonce)
+    return hmac.compare_digest(expected.encode("utf-8"), signature.encode("utf-8", "surrogatepass"))
+
+
 def verify_signature(token: str, timestamp: str, nonce: str, encrypted: str, signature: str) -> bool:
     """Exact, case-sensitive match of ``signature``, compared in constant time."""
     expected = create_signature(token, timestamp, nonce, encrypted)

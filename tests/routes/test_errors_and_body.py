@@ -89,6 +89,7 @@ def make_settings(**overrides: Any) -> SimpleNamespace:
     values = dict(
         wecom_token=None, wecom_encoding_aes_key=None, wecom_corp_id=None, wecom_passive_reply=True,
         admin_token=None, callback_routes=(CALLBACK,), max_body_bytes=MAX_BODY, callback_secret=None,
+        wecom_timestamp_tolerance_s=300,
     )
     values.update(overrides)
     return SimpleNamespace(**values)

@@ -86,7 +86,7 @@ def test_a_callback_shows_up_as_store_operations(client: FlaskClient) -> None:
     after = scrape(client)
 
     count = "relay_store_operation_seconds_count"
-    for domain, op in (("ratelimit", "incr"), ("idempotency", "set_if_absent"), ("audit", "compare_and_set")):
+    for domain, op in (("ratelimit", "incr"), ("idempotency", "set_if_absent"), ("audit", "set")):
         labels = {"backend": "memory", "domain": domain, "op": op, "outcome": "ok"}
         grown = (sample(after, "relay_store_operation_seconds", count, **labels)
                  - sample(before, "relay_store_operation_seconds", count, **labels))

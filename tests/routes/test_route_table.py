@@ -385,7 +385,9 @@ def test_row_signature_mismatch(relay: Relay) -> None:
 
 def test_row_decrypt_failure_is_a_clean_400(relay: Relay) -> None:
     garbage = "AAAA"
-    query = urlencode({"msg_signature": create_signature(TOKEN, "1", "n", garbage), "timestamp": "1", "nonce": "n"})
+    timestamp = str(START_MS // 1000)
+    query = urlencode({"msg_signature": create_signature(TOKEN, timestamp, "n", garbage), "timestamp": timestamp,
+                       "nonce": "n"})
     assert reply(relay.client.post("/wecom/callback?" + query, json={"encrypt": garbage})) == error(
         400, "invalid_encrypted_payload")
 

@@ -324,12 +324,18 @@ def test_verify_with_bad_signature_is_401() -> None:
         401, "application/json; charset=utf-8", '{"error":"invalid_signature"}')
 
 
-@pytest.mark.parametrize("missing", ["msg_signature", "timestamp", "nonce"])
-def test_verify_skips_the_signature_when_a_field_is_missing(missing: str) -> None:
+def test_verify_skips_the_signature_when_none_is_sent() -> None:
+    rendered = verify_url({"echostr": "echo-123", "timestamp": "1", "nonce": "n"}, CryptoConfig(token=TOKEN))
+    assert (rendered.status, rendered.content_type, rendered.body) == (200, "text/plain", "echo-123")
+
+
+@pytest.mark.parametrize("missing", ["timestamp", "nonce"])
+def test_verify_with_a_signature_but_a_missing_field_is_400(missing: str) -> None:
+    # Deliberate change (reference §13 item 3): the reference skipped the check here.
     query = {"echostr": "echo-123", "msg_signature": "bad", "timestamp": "1", "nonce": "n"}
     del query[missing]
     rendered = verify_url(query, CryptoConfig(token=TOKEN))
-    assert (rendered.status, rendered.content_type, rendered.body) == (200, "text/plain", "echo-123")
+    assert (rendered.status, rendered.body) == (400, '{"error":"missing_signature_fields"}')
 
 
 def test_verify_skips_the_signature_without_a_token() -> None:

@@ -1,7 +1,8 @@
 """The store contract: one suite, run unchanged against every backend.
 
 ``memory`` is MemoryStore on a fake clock; ``fakeredis`` is RedisStore over
-fakeredis; ``redis`` is RedisStore over the real redis-server from conftest;
+fakeredis; ``redis`` is RedisStore over the real redis-server from conftest; ``redis-cluster`` is
+RedisClusterStore over a local 3-primary Redis Cluster (conftest's ``redis_cluster``);
 ``routed-shadow`` and ``routed-redis-read`` are the migration's RoutedStore with
 memory, respectively Redis, authoritative and the other backend mirrored.
 Redis backends wait for short real TTLs; the memory backend moves its clock.
@@ -34,6 +35,7 @@ from relay.stores.envelope import EnvelopeSchema
 from relay.stores.keys import MAX_ESCAPED_ID, KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
+from relay.stores.redis_cluster import RedisClusterStore
 from tests.support.helpers import FakeClock, race
 
 TTL = 200  # ms: short, so the real backends expire keys quickly, yet long enough to read back first
@@ -54,7 +56,7 @@ class Backend:
     raw_keys: Callable[[], list[str]]
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis", "routed-shadow", "routed-redis-read"])
+@pytest.fixture(params=["memory", "fakeredis", "redis", "redis-cluster", "routed-shadow", "routed-redis-read"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     made: list[Store] = []
 
@@ -107,6 +109,14 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             return keep(RedisStore.from_client(client, breaker=GuardedBreaker(), **kw))
 
         inspect = fakeredis.FakeRedis(server=server, decode_responses=True)
+    elif request.param == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+
+        def make(**kw: Any) -> Store:
+            return keep(RedisClusterStore(cluster.url, breaker=GuardedBreaker(), **kw))
+
+        inspect = cluster.client()
     else:
         redis_server = request.getfixturevalue("redis_server")
 
@@ -115,7 +125,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 
         inspect = redis_server.client()
     try:
-        yield Backend(request.param, make(), make, sleep, lambda: sorted(inspect.keys("*")))
+        yield Backend(request.param, make(), make, sleep, lambda: sorted(set(inspect.scan_iter())))
     finally:
         for store in made:
             store.close()

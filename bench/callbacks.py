@@ -1,0 +1,327 @@
+"""Callback benchmark: the whole relay under gunicorn with fake agents that answer at once.
+
+The workload is the reference relay's: 32 concurrent keep-alive clients post ``@dev status`` from
+4000 users to 20 machines, each machine held by an agent (``tests.cluster.harness.ClusterAgent``,
+in a child process) that answers every command at once. Measured per mode, on one relay process
+(``RELAY_WORKERS=1``) and one redis-server started here:
+
+* ``memory`` (``STORE_PHASE=memory``), ``redis`` (``STORE_PHASE=redis-primary``), and ``outage``
+  (``STORE_PHASE=rampdown``, fallback on, redis-server frozen with SIGSTOP, measured once
+  ``/ops/store`` reports the breaker open);
+* callbacks/s and HTTP latency p50/p95/p99 at concurrency 32;
+* CPU seconds of every relay process (gunicorn master and workers, from ``/proc/<pid>/stat``) and
+  of redis-server (``INFO cpu``), and callbacks per CPU-second;
+* latency at concurrency 1, and the round trip from callback to audited result (``/commands/<id>``
+  polled until the agent's answer is recorded);
+* in Redis mode, Redis commands per callback (``INFO stats``), result handling and heartbeats
+  included.
+
+Targets (from the issue) are checked and printed; the reference figures are the TypeScript relay's
+on the same workload.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any, Optional
+
+import redis
+
+from bench.httpload import HttpClient, LoadResult, percentile, run_load
+from tests.support.live_relay import LiveRelay, live_relay
+from tests.support.redisproc import RedisServer
+
+USERS = 4000
+MACHINES = 20
+CONCURRENCY = 32
+WARMUP_CALLBACKS = 400
+MAX_CALLBACKS = 12_000
+MAX_SECONDS = 10.0
+SEQUENTIAL_CALLBACKS = 300
+AUDITED_ROUND_TRIPS = 100
+ADMIN_TOKEN = "bench-admin"
+TEXT = "@dev status"
+CALLBACK_PATH = "/wecom/callback"
+
+#: The reference TypeScript relay on this workload (2 cores, 32 concurrent callbacks).
+REFERENCE = {
+    "memory": {"rps": 1150, "per_cpu_second": 1030, "p95_ms": 37},
+    "redis": {"rps": 237, "per_cpu_second": 216, "p95_ms": 169, "c1_ms": 31},
+}
+TARGETS = {
+    "redis_p95_over_memory_max_ms": 1.0,
+    "outage_rps_ratio_min": 0.8,
+    "memory_per_cpu_ratio_min": 1.0,
+    "redis_per_cpu_ratio_min": 5.0,
+}
+MODES: dict[str, dict[str, str]] = {
+    "memory": {"STORE_PHASE": "memory"},
+    "redis": {"STORE_PHASE": "redis-primary"},
+    "outage": {"STORE_PHASE": "rampdown"},
+}
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _relay_cpu(relay: LiveRelay) -> float:
+    """CPU seconds of the gunicorn master and every worker."""
+    return sum(_cpu_seconds(pid) for pid in [relay.pid, *relay.worker_pids()])
+
+
+def _redis_cpu(client: Optional[redis.Redis]) -> float:
+    if client is None:
+        return 0.0
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _redis_commands(client: Optional[redis.Redis]) -> int:
+    return 0 if client is None else int(client.info("stats")["total_commands_processed"])
+
+
+# -- agents, in a child process so their frames do not compete with the load generator's GIL ------
+def _serve_agents(url: str, count: int, ready: Event, stop: Event) -> None:
+    from tests.cluster.harness import ClusterAgent
+
+    agents = [ClusterAgent(f"bench-m{i}", [url], heartbeat_s=10.0) for i in range(count)]
+    for agent in agents:
+        agent.__enter__()
+    if all(agent.wait_connected(timeout_s=20) for agent in agents):
+        ready.set()
+    stop.wait()
+    for agent in agents:
+        agent.close()
+
+
+@contextmanager
+def _agents(relay: LiveRelay, count: int) -> Iterator[int]:
+    """``count`` answering agents connected to ``relay``; yields the child process's pid."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    process = context.Process(target=_serve_agents, args=(relay.agent_url, count, ready, stop), daemon=True)
+    process.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the bench agents did not connect")
+        yield process.pid or 0
+    finally:
+        stop.set()
+        process.join(15)
+        if process.is_alive():
+            process.kill()
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def _callback(index: int, run: str) -> tuple[str, bytes]:
+    body = {"msgId": f"{run}-{index}", "userId": f"user-{index % USERS:04d}",
+            "machineId": f"bench-m{index % MACHINES}", "text": TEXT}
+    return CALLBACK_PATH, json.dumps(body).encode()
+
+
+def _dispatched(status: int, body: bytes) -> bool:
+    return status == 200 and b'"sent_to_agent"' in body
+
+
+def _load(relay: LiveRelay, run: str, total: int, concurrency: int, max_seconds: float) -> LoadResult:
+    return run_load(relay.port, lambda i: _callback(i, run), _dispatched, total=total,
+                    concurrency=concurrency, max_seconds=max_seconds)
+
+
+def _audited_round_trips(relay: LiveRelay, run: str, count: int) -> list[float]:
+    """Milliseconds from posting a callback to ``/commands/<id>`` showing the agent's result."""
+    poster = HttpClient(relay.port)
+    reader = HttpClient(relay.port, {"x-admin-token": ADMIN_TOKEN})
+    samples = []
+    try:
+        for index in range(count):
+            path, body = _callback(index, run)
+            started = time.perf_counter()
+            status, payload = poster.request("POST", path, body)
+            if not _dispatched(status, payload):
+                continue
+            command_id = json.loads(payload)["commandId"]
+            deadline = started + 5
+            while time.perf_counter() < deadline:
+                status, record = reader.request("GET", f"/commands/{command_id}")
+                if status == 200 and b'"status":"agent_' in record.replace(b" ", b""):
+                    samples.append((time.perf_counter() - started) * 1000)
+                    break
+                time.sleep(0.0002)
+    finally:
+        poster.close()
+        reader.close()
+    return samples
+
+
+def _store_status(relay: LiveRelay) -> dict[str, Any]:
+    client = HttpClient(relay.port, {"x-admin-token": ADMIN_TOKEN})
+    try:
+        status, body = client.request("GET", "/ops/store")
+    finally:
+        client.close()
+    return json.loads(body) if status == 200 else {}
+
+
+def _open_breaker(relay: LiveRelay, server: RedisServer, timeout_s: float = 30.0) -> float:
+    """Freeze redis-server and send callbacks until the relay reports the breaker open; return seconds."""
+    server.pause()
+    started = time.monotonic()
+    attempt = 0
+    while time.monotonic() - started < timeout_s:
+        _load(relay, f"open{attempt}", 8, 8, 5.0)
+        attempt += 1
+        if (_store_status(relay).get("redis") or {}).get("breaker") == "open":
+            return time.monotonic() - started
+    raise RuntimeError("the Redis breaker did not open")
+
+
+# -- one mode ---------------------------------------------------------------------------------------
+def _env(mode: str, server: RedisServer, workdir: str) -> dict[str, str]:
+    env = {
+        "ALLOWLIST_USERS": ",".join(f"user-{i:04d}" for i in range(USERS)),
+        "RATE_LIMIT_PER_MINUTE": "1000000",
+        "RELAY_WORKERS": "1",
+        "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "AUDIT_LOG_PATH": os.path.join(workdir, f"audit-{mode}.jsonl"),
+        "LOG_LEVEL": "WARNING",
+        **MODES[mode],
+    }
+    if mode != "memory":
+        env["REDIS_URL"] = server.url
+    return env
+
+
+def _summary(load: LoadResult) -> dict[str, Any]:
+    lat = load.latencies_ms
+    return {"callbacks": load.ok, "errors": load.errors, "error_kinds": sorted(load.error_kinds)[:5],
+            "seconds": round(load.seconds, 2), "rps": round(load.rps, 1),
+            **{f"p{q}_ms": _round(percentile(lat, q)) for q in (50, 95, 99)}}
+
+
+def _round(value: Optional[float], digits: int = 2) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def _run_mode(mode: str, server: RedisServer, workdir: str) -> dict[str, Any]:
+    inspect = server.client() if mode != "memory" else None
+    if inspect is not None:
+        inspect.flushall()
+    result: dict[str, Any] = {"phase": MODES[mode]["STORE_PHASE"]}
+    try:
+        with live_relay(env=_env(mode, server, workdir)) as relay, _agents(relay, MACHINES):
+            _load(relay, f"{mode}-warm", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
+            if mode == "outage":
+                result["breaker_open_after_s"] = round(_open_breaker(relay, server), 2)
+                _load(relay, f"{mode}-warm2", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
+            cpu_before, redis_before = _relay_cpu(relay), _redis_cpu(None if mode == "outage" else inspect)
+            commands_before = _redis_commands(None if mode == "outage" else inspect)
+            load = _load(relay, mode, MAX_CALLBACKS, CONCURRENCY, MAX_SECONDS)
+            relay_cpu = _relay_cpu(relay) - cpu_before
+            redis_cpu = _redis_cpu(None if mode == "outage" else inspect) - redis_before
+            commands = _redis_commands(None if mode == "outage" else inspect) - commands_before
+            result.update(_summary(load))
+            result["relay_cpu_s"] = round(relay_cpu, 2)
+            result["relay_cpu_per_callback_ms"] = _round(1000 * relay_cpu / load.ok if load.ok else None, 3)
+            result["callbacks_per_relay_cpu_s"] = round(load.ok / relay_cpu, 1) if relay_cpu else None
+            if mode == "redis":
+                result["redis_cpu_s"] = round(redis_cpu, 2)
+                both = relay_cpu + redis_cpu
+                result["callbacks_per_cpu_s_with_redis"] = round(load.ok / both, 1) if both else None
+                result["redis_commands_per_callback"] = round(commands / load.ok, 1) if load.ok else None
+            if mode == "outage":
+                result["breaker"] = (_store_status(relay).get("redis") or {}).get("breaker")
+            sequential = _load(relay, f"{mode}-c1", SEQUENTIAL_CALLBACKS, 1, 20.0)
+            result["c1"] = {f"p{q}_ms": _round(percentile(sequential.latencies_ms, q)) for q in (50, 95, 99)}
+            audited = _audited_round_trips(relay, f"{mode}-rt", AUDITED_ROUND_TRIPS)
+            result["audited_round_trip"] = {"samples": len(audited),
+                                            **{f"p{q}_ms": _round(percentile(audited, q)) for q in (50, 95)}}
+            if mode == "outage":
+                server.resume()
+    finally:
+        server.resume()
+        if inspect is not None:
+            inspect.close()
+    return result
+
+
+# -- report -----------------------------------------------------------------------------------------
+def _targets(modes: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    memory, redis_mode, outage = modes["memory"], modes["redis"], modes["outage"]
+    p95_delta = redis_mode["p95_ms"] - memory["p95_ms"]
+    outage_ratio = outage["rps"] / memory["rps"]
+    memory_ratio = memory["callbacks_per_relay_cpu_s"] / REFERENCE["memory"]["per_cpu_second"]
+    redis_ratio = redis_mode["callbacks_per_cpu_s_with_redis"] / REFERENCE["redis"]["per_cpu_second"]
+    return {
+        "redis_p95_minus_memory_p95_ms": round(p95_delta, 2),
+        "redis_p95_met": p95_delta <= TARGETS["redis_p95_over_memory_max_ms"],
+        "outage_rps_ratio": round(outage_ratio, 2),
+        "outage_met": outage_ratio >= TARGETS["outage_rps_ratio_min"],
+        "memory_per_cpu_vs_reference": round(memory_ratio, 2),
+        "memory_per_cpu_met": memory_ratio >= TARGETS["memory_per_cpu_ratio_min"],
+        "redis_per_cpu_vs_reference": round(redis_ratio, 2),
+        "redis_per_cpu_met": redis_ratio >= TARGETS["redis_per_cpu_ratio_min"],
+        "limits": TARGETS,
+    }
+
+
+def _print(modes: Mapping[str, dict[str, Any]], targets: Mapping[str, Any]) -> None:
+    print(f"{CONCURRENCY} concurrent clients, '{TEXT}' from {USERS} users to {MACHINES} answering agents, "
+          f"one gunicorn worker; up to {MAX_CALLBACKS} callbacks or {MAX_SECONDS:.0f} s per mode")
+    header = (f"{'mode':<8}{'callbacks':>10}{'err':>5}{'cb/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
+              f"{'relay CPU s':>12}{'cb/CPU-s':>10}{'c1 p50':>8}{'c1 p95':>8}{'audited p50':>12}{'p95':>7}")
+    print(header)
+    for name, m in modes.items():
+        audited = m["audited_round_trip"]
+        print(f"{name:<8}{m['callbacks']:>10}{m['errors']:>5}{m['rps']:>8.0f}{m['p50_ms']:>8.1f}{m['p95_ms']:>8.1f}"
+              f"{m['p99_ms']:>8.1f}{m['relay_cpu_s']:>12.2f}{m['callbacks_per_relay_cpu_s']:>10.0f}"
+              f"{m['c1']['p50_ms']:>8.2f}{m['c1']['p95_ms']:>8.2f}{audited['p50_ms'] or 0:>12.2f}"
+              f"{audited['p95_ms'] or 0:>7.2f}")
+    r = modes["redis"]
+    print(f"redis mode: redis-server CPU {r['redis_cpu_s']:.2f} s, {r['callbacks_per_cpu_s_with_redis']:.0f} "
+          f"callbacks per CPU-second of relay plus redis-server, {r['redis_commands_per_callback']} Redis "
+          f"commands per callback (result handling and heartbeats included)")
+    print(f"outage: breaker open after {modes['outage'].get('breaker_open_after_s')} s, "
+          f"still {modes['outage'].get('breaker')} at the end of the run")
+
+    def verdict(met: bool) -> str:
+        return "ok" if met else "MISSED"
+
+    print(f"target redis p95 - memory p95 <= {TARGETS['redis_p95_over_memory_max_ms']} ms: "
+          f"{targets['redis_p95_minus_memory_p95_ms']:+.2f} ms  {verdict(targets['redis_p95_met'])}")
+    print(f"target outage cb/s >= {TARGETS['outage_rps_ratio_min']}x memory: {targets['outage_rps_ratio']:.2f}x  "
+          f"{verdict(targets['outage_met'])}")
+    print(f"target memory cb/CPU-s >= {TARGETS['memory_per_cpu_ratio_min']}x reference "
+          f"({REFERENCE['memory']['per_cpu_second']}): {targets['memory_per_cpu_vs_reference']:.2f}x  "
+          f"{verdict(targets['memory_per_cpu_met'])}")
+    print(f"target redis cb/CPU-s (relay + redis-server) >= {TARGETS['redis_per_cpu_ratio_min']}x reference "
+          f"({REFERENCE['redis']['per_cpu_second']}): {targets['redis_per_cpu_vs_reference']:.2f}x  "
+          f"{verdict(targets['redis_per_cpu_met'])}")
+
+
+def run() -> dict[str, Any]:
+    modes: dict[str, dict[str, Any]] = {}
+    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-callbacks-") as workdir:
+        for mode in MODES:
+            modes[mode] = _run_mode(mode, server, workdir)
+    targets = _targets(modes)
+    _print(modes, targets)
+    return {"workload": {"users": USERS, "machines": MACHINES, "concurrency": CONCURRENCY, "text": TEXT,
+                         "max_callbacks": MAX_CALLBACKS, "max_seconds": MAX_SECONDS, "relay_workers": 1},
+            "reference": REFERENCE, "modes": modes, "targets": targets}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,204 @@
+"""Units of work: the Redis calls of one request, frame or sweep, in as few round trips as they allow.
+
+``StoreRouter.bound`` opens a ``UnitOfWork`` for each scope (``begin``/``end`` here). Routed stores
+whose plan allows it (``RoutedStore.batching``: Redis authoritative, no mirror, no copy running, no
+shadow reads) send their Redis calls through it:
+
+* ``defer``: a plain write nobody waits for (``DEFERRABLE_OPS``) is queued, not sent;
+* ``prefetch``: a read the unit of work will make is queued; its answer is kept for the next ``get``
+  of that key (until the unit of work writes the key);
+* every other call sends the queued writes and reads first, in the same pipeline
+  (``Store.execute``): one round trip for all of them; ``flush`` sends the queue alone, and the end
+  of the scope flushes what is left.
+
+Queued writes are sent before anything that follows them in the same unit of work reads or
+decides, so the unit of work reads its own writes. What other units of work see: a deferred write
+is invisible until it is sent, so code that must make a write visible before it tells someone else
+(a command sent to an agent whose answer will look for its in-flight record) flushes first.
+
+Failures keep the routed store's contract: when the pipeline fails, each queued write whose domain
+may fall back to memory is written there and journalled for write-back (like any fallback write),
+and a queued write that may not makes the call fail; the call that carried the queue then fails or
+falls back by its own store's rules.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from relay.stores.base import DEFERRABLE_OPS, PIPELINE_OPS, READ_OPS, Op, Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from middleware.routed_store import RoutedStore
+
+log = logging.getLogger("relay.store")
+
+_MISSING = object()
+
+
+class Recorder:
+    """Stands in for a backend: a call on it returns the call as an ``Op`` instead of running it."""
+
+    def __getattr__(self, name: str) -> Callable[..., Op]:
+        return lambda *args: Op(name, args)
+
+
+RECORDER = Recorder()
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A call waiting for the unit of work's next round trip."""
+
+    store: "RoutedStore"
+    label: str
+    op: Op
+    #: A ``prefetch``: its answer is kept for the next ``get`` of the key.
+    prefetch: bool = False
+
+
+class UnitOfWork:
+    """The queue and read cache of one unit of work (one thread at a time)."""
+
+    def __init__(self) -> None:
+        self._queue: list[_Queued] = []
+        self._prefetching: set[str] = set()
+        self._cache: dict[str, Optional[str]] = {}
+        #: Round trips this unit of work made (``Store.execute`` calls).
+        self.round_trips = 0
+
+    # -- what routed stores call --------------------------------------------------------------------
+    def defer(self, store: "RoutedStore", label: str, op: Op) -> None:
+        if op.name not in DEFERRABLE_OPS:
+            raise ValueError(f"{op.name} cannot be deferred")
+        self._forget(op)
+        self._queue.append(_Queued(store, label, op))
+
+    def prefetch(self, store: "RoutedStore", key: str) -> None:
+        if key in self._cache or key in self._prefetching:
+            return
+        self._prefetching.add(key)
+        self._queue.append(_Queued(store, "get", Op("get", (key,)), prefetch=True))
+
+    def cached(self, op: Op) -> Any:
+        """The prefetched answer of a ``get``, or ``_MISSING``."""
+        if op.name != "get":
+            return _MISSING
+        return self._cache.get(op.args[0], _MISSING)
+
+    def run(self, store: "RoutedStore", backend: Store, label: str, op: Op) -> Any:
+        """Run ``op`` on ``backend`` with the queue in front of it: one round trip."""
+        hit = self.cached(op)
+        if hit is not _MISSING:
+            return hit
+        if op.name not in PIPELINE_OPS:
+            self.flush()
+            return self._direct(store, backend, label, op)
+        queued = self._take()
+        if any(item.store.fallback_to_memory != store.fallback_to_memory for item in queued):
+            # A failure would be handled differently for the queue and for this call: send them apart.
+            self._send(backend, queued)
+            queued = []
+        self._forget(op)
+        results = self._send(backend, queued + [_Queued(store, label, op)], carried=True)
+        return results[-1]
+
+    def flush(self) -> None:
+        """Send the queue now (nothing happens when it is empty)."""
+        queued = self._take()
+        if queued:
+            self._send(queued[0].store.batch_backend, queued)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _take(self) -> list[_Queued]:
+        queued, self._queue = self._queue, []
+        self._prefetching.clear()
+        return queued
+
+    def _forget(self, op: Op) -> None:
+        """A write to a key makes what was read of it stale."""
+        if op.name not in READ_OPS:
+            for key in op.keys():
+                self._cache.pop(key, None)
+
+    def _direct(self, store: "RoutedStore", backend: Store, label: str, op: Op) -> Any:
+        started = time.perf_counter()
+        self.round_trips += 1
+        try:
+            result = op.run(backend)
+        except StoreError as exc:
+            store.report(label, exc, time.perf_counter() - started)
+            raise
+        store.report(label, None, time.perf_counter() - started)
+        return result
+
+    def _send(self, backend: Store, queued: list[_Queued], carried: bool = False) -> list[Any]:
+        """Execute ``queued`` in one round trip. With ``carried``, the last item is the call that
+        carried the queue: its failure is raised for its store to handle."""
+        started = time.perf_counter()
+        self.round_trips += 1
+        try:
+            results = backend.execute([item.op for item in queued])
+        except StoreError as exc:
+            seconds = time.perf_counter() - started
+            for item in queued:
+                item.store.report(item.label, exc, seconds)
+            self._recover(queued[:-1] if carried else queued, exc)
+            if carried:
+                raise
+            return [None] * len(queued)
+        seconds = time.perf_counter() - started
+        for item, result in zip(queued, results):
+            item.store.report(item.label, None, seconds)
+            if item.prefetch:
+                self._cache[item.op.args[0]] = result
+        return results
+
+    def _recover(self, queued: list[_Queued], error: StoreError) -> None:
+        """The round trip failed: queued writes go to memory where their domain allows it."""
+        lost = []
+        for item in queued:
+            if item.op.name in READ_OPS:
+                continue
+            if not item.store.fall_back(item.label, item.op):
+                lost.append(item)
+        if lost:
+            names = sorted({f"{item.store.domain}.{item.label}" for item in lost})
+            raise StoreUnavailable(f"deferred writes not stored ({', '.join(names)}): {error}") from error
+
+
+_current: contextvars.ContextVar[Optional[UnitOfWork]] = contextvars.ContextVar("store_unit_of_work",
+                                                                                 default=None)
+
+
+def current() -> Optional[UnitOfWork]:
+    """The unit of work of the running scope, if any."""
+    return _current.get()
+
+
+def begin() -> contextvars.Token[Optional[UnitOfWork]]:
+    """Open a unit of work for the running scope."""
+    return _current.set(UnitOfWork())
+
+
+def end(token: contextvars.Token[Optional[UnitOfWork]]) -> None:
+    """Close the scope's unit of work, sending what it still queues first. A failure is logged:
+    whatever had to be stored before the scope answered was flushed explicitly."""
+    unit = _current.get()
+    try:
+        if unit is not None:
+            unit.flush()
+    except StoreError as exc:
+        log.error("deferred store writes failed at the end of a unit of work",
+                  extra={"event": "store_deferred_writes_failed", "error": type(exc).__name__})
+    finally:
+        _current.reset(token)
+

@@ -1,0 +1,174 @@
+"""Redis clients from one URL: a single server, a primary managed by Sentinel, or a Redis Cluster.
+
+``Settings.redis_url`` is canonical (``config/redis_target.py`` has the URL forms). ``connect`` makes
+the client for it with the same explicit timeouts everywhere and redis-py's own retries off (the
+store retries idempotent operations itself, ``middleware/retry.py``):
+
+* **single** (``redis://``, ``rediss://``, ``unix://``): ``redis.Redis.from_url``;
+* **sentinel** (``redis+sentinel://``): redis-py's ``Sentinel`` and ``master_for``. redis-py asks the
+  sentinels for the primary only when it opens a connection, and a sentinel reconfigures a demoted
+  primary only when it next polls it (every 10 s), so pooled connections could keep writing to the
+  old primary that long after a failover. ``FollowingSentinelPool`` asks again at most every
+  ``follow_interval_s`` when a connection is checked out; when the primary moved, idle connections
+  are closed at once and busy ones when they are returned, so the process follows within about
+  that interval;
+* **cluster** (``redis+cluster://``): redis-py's ``RedisCluster``; failing to reach any startup node
+  raises ``redis.ConnectionError`` like the other kinds.
+
+``node_client`` gives the client of the node that owns a key (the client itself outside a cluster),
+for what must run on one connection of that node (``WAIT`` after a write, sharded pub/sub).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from config.redis_target import CLUSTER, SENTINEL, RedisTarget, parse_redis_url
+
+Client = Union[redis.Redis, RedisCluster]
+#: How often a Sentinel-managed pool re-asks the sentinels where the primary is.
+FOLLOW_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """Connection settings shared by every kind of client."""
+
+    socket_timeout_s: float
+    connect_timeout_s: float
+    max_connections: Optional[int] = None
+    #: Seconds between PINGs on an idle connection before it is used (0 = never); not on a cluster.
+    health_check_interval_s: int = 0
+    keepalive: bool = False
+    #: redis-py's ``redis_connect_func``: runs the handshake (``connection.on_connect()``) and more.
+    on_connect: Optional[Callable[[Any], None]] = None
+    follow_interval_s: float = FOLLOW_INTERVAL_S
+
+
+class FollowingSentinelPool(SentinelConnectionPool):
+    """A Sentinel pool that re-checks where the primary is, at most every ``follow_interval_s``."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, *, follow_interval_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)
+        self.follow_interval_s = follow_interval_s
+        self._follow_lock = threading.Lock()
+        self._followed_at = time.monotonic()
+
+    def follow(self, force: bool = False) -> None:
+        """Ask the sentinels for the primary (unless asked less than ``follow_interval_s`` ago); when
+        it moved, redis-py closes the idle connections. Sentinels that cannot answer change nothing."""
+        if not force and time.monotonic() - self._followed_at < self.follow_interval_s:
+            return
+        if not self._follow_lock.acquire(blocking=False):
+            return
+        try:
+            self._followed_at = time.monotonic()
+            self.get_master_address()
+        except redis.ConnectionError:
+            pass
+        finally:
+            self._follow_lock.release()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.follow()
+        return super().get_connection(*args, **kwargs)
+
+
+class SentinelMasterClient(redis.Redis):
+    """The primary's client; closing it also closes the connections to the sentinels."""
+
+    def close(self) -> None:
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        super().close()
+        if manager is not None:
+            manager.close()
+
+
+def target_of(url: Union[str, RedisTarget]) -> RedisTarget:
+    return url if isinstance(url, RedisTarget) else parse_redis_url(url)
+
+
+def connect(url: Union[str, RedisTarget], options: ClientOptions) -> Client:
+    """A client (``decode_responses=True``) for ``url``; raises ``redis.ConnectionError`` when a
+    cluster cannot be reached to learn its slots."""
+    target = target_of(url)
+    common: dict[str, Any] = {
+        "socket_timeout": options.socket_timeout_s,
+        "socket_connect_timeout": options.connect_timeout_s,
+        "socket_keepalive": options.keepalive,
+        "decode_responses": True,
+    }
+    if options.max_connections is not None:
+        common["max_connections"] = options.max_connections
+    if options.on_connect is not None:
+        common["redis_connect_func"] = options.on_connect
+    if target.kind == CLUSTER:
+        try:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+                retry=Retry(NoBackoff(), 0), username=target.username, password=target.password,
+                ssl=target.ssl, **common)
+        except RedisClusterException as exc:
+            raise redis.ConnectionError(f"redis cluster unreachable: {exc}") from exc
+    common["retry"] = Retry(NoBackoff(), 0)
+    common["health_check_interval"] = options.health_check_interval_s
+    if target.kind == SENTINEL:
+        sentinel = Sentinel(target.nodes, sentinel_kwargs={
+            "socket_timeout": options.socket_timeout_s, "socket_connect_timeout": options.connect_timeout_s,
+            "retry": Retry(NoBackoff(), 0), "decode_responses": True, "password": target.sentinel_password,
+            "ssl": target.ssl})
+        return sentinel.master_for(
+            target.master, redis_class=SentinelMasterClient, connection_pool_class=FollowingSentinelPool,
+            follow_interval_s=options.follow_interval_s, db=target.db, username=target.username,
+            password=target.password, ssl=target.ssl, **common)
+    return redis.Redis.from_url(target.url, **common)
+
+
+def node_client_for(client: Client, key: str) -> redis.Redis:
+    """The client of the node that serves ``key``: a cluster node's, or ``client`` itself."""
+    if isinstance(client, RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(key))
+    return client
+
+
+def node_address_for(client: Client, key: str) -> Optional[tuple[str, int]]:
+    """Host and port of the node that serves ``key`` on a cluster; ``None`` elsewhere."""
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(key)
+        return node.host, int(node.port)
+    return None
+
+
+def connect_node(url: Union[str, RedisTarget], host: str, port: int, options: ClientOptions) -> redis.Redis:
+    """A plain client on one node of ``url``'s deployment, with its credentials and TLS."""
+    target = target_of(url)
+    return redis.Redis(
+        host=host, port=port, username=target.username, password=target.password, ssl=target.ssl,
+        socket_timeout=options.socket_timeout_s, socket_connect_timeout=options.connect_timeout_s,
+        socket_keepalive=options.keepalive, retry=Retry(NoBackoff(), 0), decode_responses=True,
+        health_check_interval=options.health_check_interval_s)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def serves_primary(pubsub: Any) -> bool:
+    """``False`` when ``pubsub``'s connection goes to a server the sentinels no longer name primary."""
+    pool = getattr(pubsub, "connection_pool", None)
+    connection = getattr(pubsub, "connection", None)
+    if not isinstance(pool, FollowingSentinelPool) or connection is None:
+        return True
+    pool.follow()
+    return pool.master_address in (None, (connection.host, connection.port))

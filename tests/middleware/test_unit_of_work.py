@@ -1,0 +1,120 @@
+"""Units of work: deferred writes and prefetched reads share round trips, reads see the unit of work's
+own writes, and a failed round trip keeps the routed store's fallback and journal contract."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+
+from config.phases import PRESETS
+from middleware.breaker import GuardedBreaker
+from middleware.routing import StoreRouter
+from relay.domains import idempotency, inflight, ratelimit
+from relay.stores.base import StoreUnavailable
+from relay.stores.keys import KeySpace
+from relay.stores.memory import MemoryStore
+from relay.stores.redis import RedisStore
+from tests.support.redisproc import RedisServer
+
+DOMAINS = {d.name: d for d in (idempotency.DOMAIN, inflight.DOMAIN, ratelimit.DOMAIN)}
+
+
+class Counting(redis.Connection):
+    sends = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        Counting.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+class Rig:
+    def __init__(self, server: RedisServer, fallback: bool) -> None:
+        self.server = server
+        client = redis.Redis.from_url(server.url, decode_responses=True, connection_class=Counting,
+                                      socket_timeout=0.1, socket_connect_timeout=0.1)
+        self.memory = MemoryStore()
+        self.redis = RedisStore(lambda: client, breaker=GuardedBreaker(fail_max=100, reset_timeout=30),
+                                socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
+        plan = replace(PRESETS["redis-primary"], fallback_to_memory=fallback)
+        self.router = StoreRouter(KeySpace("t", "dev"), DOMAINS, {"memory": self.memory, "redis": self.redis},
+                                  {name: plan for name in DOMAINS})
+
+    def sends(self) -> int:
+        return Counting.sends
+
+
+@pytest.fixture
+def rig(redis_server: RedisServer) -> Iterator[Rig]:
+    built = Rig(redis_server, fallback=False)
+    with built.router.bound():
+        built.router.store("inflight").get("warm-up")  # opens the connection
+    yield built
+    built.router.close()
+
+
+def test_deferred_writes_go_out_with_the_next_call_and_are_read_back(rig: Rig) -> None:
+    with rig.router.bound():
+        store = rig.router.store("inflight")
+        before = rig.sends()
+        store.defer_set("c1", {"commandId": "c1", "userId": "u", "machineId": "m", "kind": "status",
+                               "createdAtMs": 1})
+        store.defer_index_add(inflight.INDEX, {"c1": 1.0})
+        assert rig.sends() == before  # nothing sent yet
+        assert store.get("c1")["commandId"] == "c1"  # the read carries the writes: one round trip
+        assert rig.sends() == before + 1
+    assert rig.redis.index_range("t:dev:{inflight}:#created") == [("c1", 1.0)]
+
+
+def test_prefetched_reads_ride_along_and_writes_make_them_stale(rig: Rig) -> None:
+    rig.redis.set("t:dev:idempotency:m1", '{"version":1,"updatedAt":"2026-01-01T00:00:00.000Z",'
+                                          '"data":{"reservedAtMs":1}}')
+    with rig.router.bound():
+        keys = rig.router.store("idempotency")
+        limits = rig.router.store("ratelimit")
+        before = rig.sends()
+        keys.prefetch("m1")
+        assert limits.incr("u1", 1, 60_000) == 1
+        assert keys.get("m1") == {"reservedAtMs": 1}
+        assert rig.sends() == before + 1
+        keys.delete("m1")
+        assert keys.get("m1") is None  # not the cached answer
+        assert rig.sends() == before + 3
+
+
+def test_the_end_of_the_scope_flushes(rig: Rig) -> None:
+    with rig.router.bound():
+        rig.router.store("idempotency").defer_set("late", {"reservedAtMs": 2})
+    assert rig.redis.get("t:dev:idempotency:late") is not None
+
+
+def test_a_failed_flush_without_fallback_raises(rig: Rig) -> None:
+    with rig.router.bound():
+        store = rig.router.store("idempotency")
+        store.defer_set("x", {"reservedAtMs": 3})
+        rig.server.pause()
+        try:
+            with pytest.raises(StoreUnavailable):
+                store.flush()
+        finally:
+            rig.server.resume()
+
+
+def test_a_failed_flush_with_fallback_goes_to_memory_and_the_journal(redis_server: RedisServer) -> None:
+    rig = Rig(redis_server, fallback=True)
+    try:
+        with rig.router.bound():
+            store = rig.router.store("idempotency")
+            store.get("warm-up")
+            store.defer_set("x", {"reservedAtMs": 3})
+            rig.server.pause()
+            try:
+                store.flush()
+            finally:
+                rig.server.resume()
+        assert rig.memory.get("t:dev:idempotency:x") is not None
+        assert rig.router.journal.pending() == {"idempotency": 1}
+    finally:
+        rig.router.close()

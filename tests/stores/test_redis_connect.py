@@ -1,0 +1,93 @@
+"""Clients from one URL: the kind of client, explicit timeouts with redis-py retries off, and a
+Sentinel pool that re-asks where the primary is."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from relay.stores.redis_connect import (
+    ClientOptions,
+    FollowingSentinelPool,
+    SentinelMasterClient,
+    connect,
+    serves_primary,
+)
+from tests.support.rediscluster import LocalRedisCluster
+
+OPTIONS = ClientOptions(socket_timeout_s=0.3, connect_timeout_s=0.2, max_connections=7)
+
+
+class FakeSentinels:
+    """Stands in for ``redis.sentinel.Sentinel``: answers where the primary is, counting the questions."""
+
+    def __init__(self) -> None:
+        self.primary = ("10.0.0.1", 6379)
+        self.asked = 0
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        self.asked += 1
+        return self.primary
+
+
+def test_a_server_url_gives_a_plain_client_with_our_timeouts() -> None:
+    client = connect("redis://127.0.0.1:1/3", OPTIONS)
+    kwargs = client.connection_pool.connection_kwargs
+    assert type(client) is redis.Redis
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["db"]) == (0.3, 0.2, 3)
+    assert kwargs["retry"].get_retries() == 0 and kwargs["decode_responses"] is True
+    assert client.connection_pool.max_connections == 7
+
+
+def test_a_sentinel_url_gives_the_primary_s_client_through_a_following_pool() -> None:
+    client = connect("redis+sentinel://u:pw@127.0.0.1:1,127.0.0.1:2/mymaster/2?sentinel_password=sp", OPTIONS)
+    pool = client.connection_pool
+    assert isinstance(client, SentinelMasterClient) and isinstance(pool, FollowingSentinelPool)
+    assert pool.service_name == "mymaster" and pool.max_connections == 7
+    kwargs = pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"], kwargs["socket_timeout"]) == (2, "u", "pw", 0.3)
+    assert kwargs["retry"].get_retries() == 0
+    sentinels = pool.sentinel_manager.sentinels
+    assert len(sentinels) == 2
+    sentinel_kwargs = sentinels[0].connection_pool.connection_kwargs
+    assert sentinel_kwargs["password"] == "sp" and sentinel_kwargs["retry"].get_retries() == 0
+    with pytest.raises(redis.ConnectionError):
+        client.ping()  # no sentinel listens there: no primary to be found
+    client.close()
+
+
+def test_a_cluster_url_gives_a_cluster_client(redis_cluster: LocalRedisCluster) -> None:
+    client = connect(redis_cluster.url, OPTIONS)
+    try:
+        assert isinstance(client, RedisCluster)
+        assert client.retry.get_retries() == 0
+        assert len(client.get_primaries()) == 3
+    finally:
+        client.close()
+    with pytest.raises(redis.ConnectionError):
+        connect("redis+cluster://127.0.0.1:1", OPTIONS)
+
+
+def test_the_pool_re_asks_the_sentinels_at_most_once_per_interval() -> None:
+    sentinels = FakeSentinels()
+    pool = FollowingSentinelPool("mymaster", sentinels, follow_interval_s=0.5)  # type: ignore[arg-type]
+    pool.follow(force=True)
+    assert (sentinels.asked, pool.master_address) == (1, ("10.0.0.1", 6379))
+    pool.follow()
+    assert sentinels.asked == 1  # asked less than the interval ago
+    sentinels.primary = ("10.0.0.2", 6379)
+    pool._followed_at -= 0.6  # the interval has passed
+    pool.follow()
+    assert (sentinels.asked, pool.master_address) == (2, ("10.0.0.2", 6379))
+
+
+def test_a_subscription_on_a_demoted_primary_is_recognised() -> None:
+    sentinels = FakeSentinels()
+    pool = FollowingSentinelPool("mymaster", sentinels, follow_interval_s=0.0)  # type: ignore[arg-type]
+    pubsub = SimpleNamespace(connection_pool=pool, connection=SimpleNamespace(host="10.0.0.1", port=6379))
+    assert serves_primary(pubsub) is True
+    sentinels.primary = ("10.0.0.2", 6379)
+    assert serves_primary(pubsub) is False
+    assert serves_primary(SimpleNamespace(connection_pool=None, connection=None)) is True

@@ -1,0 +1,123 @@
+"""Redis round trips of one callback, counted on the relay's own connections (a ``redis.Connection``
+that counts ``send_packed_command``: one call per command or per pipeline).
+
+The hot path (an accepted ``@dev status`` for a machine whose agent is attached, ``redis-primary``)
+must stay at two round trips: the rate-limit hit with the msgId reservation and the locale and
+machine reads, then the template, audit record and in-flight record written together before the
+command goes to the agent. Timings are not asserted anywhere; this count is what a regression breaks.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from config.settings import load_settings
+from middleware.breaker import GuardedBreaker
+from relay.app import create_app
+from relay.stores.memory import MemoryStore
+from relay.stores.redis import RedisStore
+from tests.lifecycle.conftest import FakeAgent
+from tests.support.redisproc import RedisServer
+
+HOT_PATH_ROUND_TRIPS = 2
+
+
+class CountingConnection(redis.Connection):
+    """Counts what it sends: each ``send_packed_command`` is one round trip."""
+
+    lock = threading.Lock()
+    total = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        with CountingConnection.lock:
+            CountingConnection.total += 1
+        super().send_packed_command(command, check_health)
+
+
+class Relay:
+    def __init__(self, server: RedisServer, tmp_path: Any, **env: str) -> None:
+        settings = load_settings({
+            "ALLOWLIST_USERS": "u1,u2", "STORE_PHASE": "redis-primary", "REDIS_URL": server.url,
+            "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl"), **env})
+        client = redis.Redis.from_url(server.url, decode_responses=True, connection_class=CountingConnection)
+        self.redis = RedisStore(lambda: client, breaker=GuardedBreaker(fail_max=5, reset_timeout=5))
+        self.app = create_app(settings, backends={"memory": MemoryStore(), "redis": self.redis},
+                              start_background=False)
+        self.relay = self.app.extensions["relay"]
+        self.client = self.app.test_client()
+
+    def connect(self, machine_id: str) -> FakeAgent:
+        agent = FakeAgent()
+        with self.relay.router.bound():
+            self.relay.agent_events.on_hello(agent, {"type": "agent.hello", "machineId": machine_id})
+        return agent
+
+    def callback(self, text: str = "@dev status", machine_id: str = "m1", msg_id: str = "") -> tuple[dict, int]:
+        """The ack and the round trips the request made."""
+        before = CountingConnection.total
+        reply = self.client.post("/wecom/callback", json={"msgId": msg_id or uuid.uuid4().hex, "userId": "u1",
+                                                           "machineId": machine_id, "text": text})
+        assert reply.status_code == 200
+        return reply.get_json(), CountingConnection.total - before
+
+    def record(self, command_id: str) -> dict:
+        return self.client.get(f"/commands/{command_id}").get_json()
+
+
+@pytest.fixture
+def relay(redis_server: RedisServer, tmp_path: Any) -> Iterator[Relay]:
+    built = Relay(redis_server, tmp_path)
+    yield built
+    built.relay.close()
+
+
+def test_an_accepted_callback_takes_two_round_trips(relay: Relay) -> None:
+    agent = relay.connect("m1")
+    relay.callback()  # the first call opens the connection (and checks the data-loss marker)
+    ack, round_trips = relay.callback()
+    assert ack["status"] == "sent_to_agent"
+    assert round_trips == HOT_PATH_ROUND_TRIPS
+    assert agent.of_type("command")[-1]["command"]["commandId"] == ack["commandId"]
+    record = relay.record(ack["commandId"])
+    assert [e["status"] for e in record["events"]] == ["created", "sent_to_agent"]
+    inflight = relay.client.get("/inflight").get_json()["items"]
+    assert ack["commandId"] in [item["commandId"] for item in inflight]
+
+
+def test_a_duplicate_takes_one_round_trip(relay: Relay) -> None:
+    relay.connect("m1")
+    relay.callback()
+    relay.callback(msg_id="dup")
+    ack, round_trips = relay.callback(msg_id="dup")
+    assert ack["status"] == "duplicate_ignored"
+    assert round_trips == 1
+
+
+def test_an_offline_machine_takes_two_round_trips(relay: Relay) -> None:
+    relay.connect("m1")
+    relay.callback()
+    ack, round_trips = relay.callback(machine_id="m2")
+    assert ack["status"] == "machine_offline"
+    assert round_trips == 2
+    assert [e["status"] for e in relay.record(ack["commandId"])["events"]] == ["created", "machine_offline"]
+
+
+def test_over_the_rate_limit_takes_one_round_trip_and_reserves_nothing(redis_server: RedisServer,
+                                                                       tmp_path: Any) -> None:
+    limited = Relay(redis_server, tmp_path, RATE_LIMIT_PER_MINUTE="1")
+    try:
+        limited.connect("m1")
+        limited.callback()
+        before = CountingConnection.total
+        reply = limited.client.post("/wecom/callback", json={"msgId": "late", "userId": "u1", "machineId": "m1",
+                                                              "text": "@dev status"})
+        assert reply.status_code == 429
+        assert CountingConnection.total - before == 1
+        assert redis_server.client().keys("*idempotency*late*") == []
+    finally:
+        limited.relay.close()
