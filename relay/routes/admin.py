@@ -4,9 +4,9 @@ Deliberate changes from the reference:
 
 * Authentication runs before the request body is read, so an unauthenticated caller
   gets 401 even when its body is malformed (Fastify parsed the body first).
-* A command id in the path longer than 128 characters or containing a control
-  character is refused with 400 ``{"error":"invalid_command_id"}`` before any store
-  is asked about it.
+* A command id in the path that is not a valid id (``relay.ids``: longer than 128
+  characters, or with a control or format character) is refused with 400
+  ``{"error":"invalid_command_id"}`` before any store is asked about it.
 * A ``userId`` in the cancel/retry body that is not a string is ignored, exactly like
   an omitted one (the reference compared it as it was and answered 403).
 """
@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from typing import Optional
 
 from flask import Blueprint, Response
 
+from relay.ids import valid_id
 from relay.messages import js_trim
 from relay.routes.app_context import current_relay, query_value
 from relay.routes.auth import require_admin
 from relay.routes.body import read_body
 from relay.routes.responses import error_response, json_response
 
-MAX_COMMAND_ID_LENGTH = 128
 DEFAULT_AUDIT_LIMIT = 50
 #: Larger limits cannot return more records; this keeps store arguments in integer range.
 MAX_AUDIT_LIMIT = 2**31 - 1
@@ -64,10 +63,8 @@ def audit_limit(raw: Optional[str]) -> int:
 
 
 def valid_command_id(command_id: str) -> bool:
-    """At most 128 characters and no control characters (C0, DEL, C1)."""
-    return len(command_id) <= MAX_COMMAND_ID_LENGTH and not any(
-        unicodedata.category(ch) == "Cc" for ch in command_id
-    )
+    """A valid id (``relay.ids.valid_id``): at most 128 characters, no control or format characters."""
+    return valid_id(command_id)
 
 
 def _body_user_id() -> Optional[str]:

@@ -73,7 +73,7 @@ def _admin(summary: str, responses: Schema, **extra: Any) -> Schema:
 
 
 COMMAND_ID = {"name": "commandId", "in": "path", "required": True, "schema": {"type": "string"},
-              "description": "At most 128 characters, no control characters (else 400 invalid_command_id)"}
+              "description": "At most 128 characters, no control or format characters (else 400 invalid_command_id)"}
 USER_BODY = {"required": False, "content": _json({"type": "object", "properties": {"userId": {"type": "string"}}})}
 
 
