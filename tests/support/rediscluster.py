@@ -21,7 +21,7 @@ from typing import Any, Optional
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.support.redisproc import HOST, RedisServerError, free_port
+from tests.support.redisproc import HOST, RedisServerError, free_port, stop_processes
 
 SLOTS = 16384
 
@@ -90,15 +90,7 @@ class LocalRedisCluster:
 
     def close(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL) and remove the working directory."""
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes(self._procs.values())
         self._procs.clear()
         shutil.rmtree(self._workdir, ignore_errors=True)
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import redis
 
-from tests.support.redisproc import HOST, RedisServerError, free_port
+from tests.support.redisproc import HOST, RedisServerError, free_port, stop_processes
 
 MASTER_NAME = "mymaster"
 
@@ -139,15 +139,7 @@ class LocalSentinel:
 
     def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and remove the working directory."""
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes(self._procs.values())
         self._procs.clear()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
