@@ -204,6 +204,7 @@ def create_app(
         log.warning("AGENT_AUTH_TOKEN and AGENT_TOKENS are not set: any client reaching /agent may speak for "
                     "any machine", extra={"event": "agent_auth_off"})
     if start_background:
+        store_metrics.start()
         router.start()
         flags.start()
         if ctx.bus is not None:

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
-from relay.metrics import KeyCardinality, StoreMetrics
+from relay.metrics import FOLD_BATCH, FOLD_INTERVAL_S, LATENCY_BUCKETS, KeyCardinality, StoreMetrics
 from relay.stores.base import StoreUnavailable
 from relay.stores.memory import MemoryStore
 from relay.telemetry import JsonFormatter, request_id
@@ -67,6 +69,7 @@ def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogReco
 # -- Prometheus instruments ----------------------------------------------------------------------
 def test_latency_histogram_has_sub_millisecond_buckets(metrics: StoreMetrics, registry: CollectorRegistry) -> None:
     metrics.operation("idempotency", "memory", "get", "ok", 0.00008)
+    metrics.fold()
 
     bucket = "relay_store_operation_seconds_bucket"
     labels = {"backend": "memory", "domain": "idempotency", "op": "get", "outcome": "ok"}
@@ -76,6 +79,65 @@ def test_latency_histogram_has_sub_millisecond_buckets(metrics: StoreMetrics, re
     assert value(registry, bucket, **labels, le="5e-05") == 0
     assert value(registry, bucket, **labels, le="0.0001") == 1
     assert value(registry, "relay_store_operation_seconds_count", **labels) == 1
+
+
+def test_folded_calls_expose_exactly_what_one_observe_per_call_would(
+    metrics: StoreMetrics, registry: CollectorRegistry
+) -> None:
+    rng = random.Random(7)
+    calls = [(rng.choice(DOMAINS), rng.choice(("memory", "redis")), rng.choice(("get", "set", "incr")), "ok",
+              rng.choice(LATENCY_BUCKETS) if rng.random() < 0.2 else rng.uniform(0, 1.5)) for _ in range(3000)]
+    expected = CollectorRegistry()
+    histogram = Histogram("relay_store_operation_seconds", "x", ["backend", "domain", "op", "outcome"],
+                          buckets=LATENCY_BUCKETS, registry=expected)
+    for domain, backend, op, outcome, seconds in calls:
+        metrics.operation(domain, backend, op, outcome, seconds)
+        histogram.labels(backend, domain, op, outcome).observe(seconds)
+    metrics.fold()
+
+    def samples(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): round(s.value, 9) for family in reg.collect()
+                for s in family.samples if s.name.startswith("relay_store_operation_seconds")
+                and not s.name.endswith("_created")}
+
+    assert samples(registry) == samples(expected)
+    assert sum(v for (name, _), v in samples(registry).items() if name.endswith("_count")) == len(calls)
+
+
+def test_queued_calls_reach_the_histogram_on_read_after_a_batch_or_a_second(
+    metrics: StoreMetrics, registry: CollectorRegistry, clock: Clock
+) -> None:
+    count = "relay_store_operation_seconds_count"
+    labels = {"backend": "memory", "domain": "audit", "op": "get", "outcome": "ok"}
+    metrics.operation("audit", "memory", "get", "ok", 0.0001)
+    assert value(registry, count, **labels) == 0
+    assert b'relay_store_operation_seconds_count{backend="memory",domain="audit",op="get",outcome="ok"} 1.0' \
+        in metrics.exposition()
+
+    for _ in range(FOLD_BATCH):
+        metrics.operation("audit", "memory", "get", "ok", 0.0001)
+    assert value(registry, count, **labels) == 1 + FOLD_BATCH
+
+    metrics.operation("audit", "memory", "get", "ok", 0.0001)
+    clock.now += FOLD_INTERVAL_S
+    metrics.operation("audit", "memory", "get", "ok", 0.0001)
+    assert value(registry, count, **labels) == 3 + FOLD_BATCH
+
+
+def test_the_background_fold_publishes_an_idle_processs_last_calls(
+    metrics: StoreMetrics, registry: CollectorRegistry
+) -> None:
+    metrics.operation("audit", "memory", "get", "ok", 0.0001)
+    metrics.start(interval_s=0.01)
+    try:
+        deadline = time.monotonic() + 5
+        while value(registry, "relay_store_operation_seconds_count", backend="memory", domain="audit",
+                    op="get", outcome="ok") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        metrics.stop()
+    assert value(registry, "relay_store_operation_seconds_count", backend="memory", domain="audit",
+                 op="get", outcome="ok") == 1
 
 
 @pytest.mark.parametrize(("call", "sample", "labels"), [
@@ -118,9 +180,9 @@ def test_retries_follow_the_backend_counters(metrics: StoreMetrics, registry: Co
     assert value(registry, "relay_store_retries_total", backend="redis") == 2
 
     counters["retries"] = 5
-    metrics.operation("audit", "memory", "get", "ok", 0.0001)
-    assert value(registry, "relay_store_retries_total", backend="redis") == 2
     metrics.operation("audit", "redis", "get", "ok", 0.002)
+    assert value(registry, "relay_store_retries_total", backend="redis") == 2
+    metrics.fold()
     assert value(registry, "relay_store_retries_total", backend="redis") == 5
 
     counters["retries"] = 6

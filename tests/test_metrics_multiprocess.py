@@ -1,6 +1,7 @@
 """``/metrics/prometheus`` under gunicorn with two workers (config/gunicorn.py's multiprocess hooks).
 
-Whichever worker answers a scrape must report the operations of both. The workers' metric files
+Whichever worker answers a scrape must report the operations of both, once each has folded its
+queued calls into its file (at most ``FOLD_INTERVAL_S`` later). The workers' metric files
 are found through ``/proc/<pid>/maps`` (each worker maps its own ``*_<pid>.db`` files), which also
 shows how many operations each worker did.
 """
@@ -19,6 +20,7 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.metrics import FOLD_INTERVAL_S
 from tests.support.live_relay import LiveRelay, live_relay
 from tests.support.redisproc import RedisServer
 
@@ -29,7 +31,7 @@ COUNT = "relay_store_operation_seconds_count"
 
 
 def relay_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"RELAY_THREADS": "16", "RELAY_ADMIN_TOKEN": ADMIN, "ALLOWLIST_USERS": "u1",
+    return {"RELAY_CONNECTIONS": "16", "RELAY_ADMIN_TOKEN": ADMIN, "ALLOWLIST_USERS": "u1",
             "RATE_LIMIT_PER_MINUTE": "100000", "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl"), **extra}
 
 
@@ -98,8 +100,9 @@ def test_a_scrape_counts_the_operations_of_both_workers(
 
         sent = send_until_both_workers_served(relay, directory, workers)
 
-        per_worker = [worker_operations(directory, pid, "ratelimit", "incr") for pid in workers]
-        assert sum(per_worker) == sent
+        # each worker folds its queued calls into its file within FOLD_INTERVAL_S (relay/metrics.py)
+        poll(lambda: sum(worker_operations(directory, pid, "ratelimit", "incr") for pid in workers) == sent,
+             timeout_s=FOLD_INTERVAL_S + 5)
         for _ in range(4):
             assert scraped_operations(relay, "ratelimit", "incr") == sent
             assert scraped_operations(relay, "idempotency", "set_if_absent") == sent
