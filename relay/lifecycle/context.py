@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,10 +56,16 @@ class AuditTrail:
     mixed memory/Redis modes never duplicate events (reference §13 items 8, 9).
     """
 
-    def __init__(self, index: AuditIndex, log_path: str) -> None:
+    #: How often ``log`` checks that its open file is still the one at ``path`` (moved by rotation).
+    REOPEN_CHECK_S = 1.0
+
+    def __init__(self, index: AuditIndex, log_path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.index = index
         self.path: Optional[Path] = Path(log_path).resolve() if log_path else None
         self._file_lock = threading.Lock()
+        self._clock = clock
+        self._fd: Optional[int] = None
+        self._checked_at = 0.0
         self.file_errors = 0
 
     def record(self, event: dict[str, Any]) -> None:
@@ -66,28 +73,58 @@ class AuditTrail:
             self.log([event])
 
     def log(self, events: list[dict[str, Any]]) -> None:
-        """Append events the index holds already (``record``, ``AuditIndex.open``) to the file."""
+        """Append events the index holds already (``record``, ``AuditIndex.open``) to the file.
+
+        The file stays open between calls (one ``write`` per call instead of open, write, close).
+        At most every ``REOPEN_CHECK_S`` it is compared with what is at ``path`` and reopened when
+        the file was moved or removed, so a log rotation starts a new file within that time.
+        """
         if self.path is None or not events:
             return
         data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events).encode()
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
             with self._file_lock:
-                try:
-                    fd = os.open(self.path, flags, 0o644)
-                except FileNotFoundError:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(self.path, flags, 0o644)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                finally:
-                    os.close(fd)
+                fd = self._open_fd()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
         except OSError as exc:
             # The index already holds the event; a full or read-only disk must not fail the command.
             self.file_errors += 1
+            self._close_fd()
             log.error("audit log append failed", extra={"event": "audit_file_failed", "error": type(exc).__name__})
+
+    def _open_fd(self) -> int:
+        """The open log file, reopened when rotation replaced it (the caller holds the lock)."""
+        assert self.path is not None
+        now = self._clock()
+        if self._fd is not None and now - self._checked_at >= self.REOPEN_CHECK_S:
+            self._checked_at = now
+            try:
+                current = os.stat(self.path)
+                opened = os.fstat(self._fd)
+                moved = (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino)
+            except FileNotFoundError:
+                moved = True
+            if moved:
+                self._close_fd()
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o644)
+            self._checked_at = now
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     def events_from_disk(self) -> list[dict[str, Any]]:
         """Valid events of the JSONL file; unreadable lines are skipped."""
