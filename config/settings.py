@@ -20,6 +20,8 @@ from config.redis_target import RedisTargetError, resolve_redis_url
 
 PLACEHOLDER = "__SET_IN_USER_ENV__"
 DEFAULT_CALLBACK_PATH = "/wecom/callback"
+#: Simultaneous connections per gunicorn worker when neither RELAY_CONNECTIONS nor RELAY_THREADS is set.
+DEFAULT_CONNECTIONS = 1024
 
 
 class ConfigError(ValueError):
@@ -222,7 +224,9 @@ class EnvSchema(marshmallow.Schema):
     redis_inflight_ttl_ms = EnvInt(1, data_key="REDIS_INFLIGHT_TTL_MS", load_default=None)
     store_flags_file = EnvText(data_key="STORE_FLAGS_FILE", load_default=None)
     relay_workers = EnvInt(1, 64, data_key="RELAY_WORKERS", load_default=1)
-    relay_threads = EnvInt(4, 16384, data_key="RELAY_THREADS", load_default=1024)
+    relay_worker_class = EnvChoice(("gevent", "gthread"), data_key="RELAY_WORKER_CLASS", load_default="gevent")
+    relay_connections = EnvInt(4, 16384, data_key="RELAY_CONNECTIONS", load_default=None)
+    relay_threads = EnvInt(4, 16384, data_key="RELAY_THREADS", load_default=None)
     log_level = EnvChoice(("DEBUG", "INFO", "WARNING", "ERROR"), data_key="LOG_LEVEL", load_default="INFO")
 
 
@@ -289,7 +293,10 @@ class Settings:
     machine_ttl_ms: int = 90000
     inflight_ttl_ms: int = 1800000
     relay_workers: int = 1
-    relay_threads: int = 1024
+    #: ``RELAY_WORKER_CLASS``: gunicorn's worker class (config/gunicorn.py).
+    relay_worker_class: str = "gevent"
+    #: ``RELAY_CONNECTIONS`` (formerly ``RELAY_THREADS``): simultaneous connections per worker.
+    relay_connections: int = 1024
     log_level: str = "INFO"
     #: Per-domain migration plans (config/phases.py), from STORE_PHASE and the STORE_* flags.
     plans: Mapping[str, DomainPlan] = field(default_factory=lambda: resolve_plans({}))
@@ -311,8 +318,8 @@ class Settings:
 
     @property
     def max_agent_connections(self) -> int:
-        """Each agent socket holds a worker thread: keep some threads free for HTTP requests."""
-        return max(1, self.relay_threads - max(4, self.relay_threads // 16))
+        """Each agent socket holds one of the worker's connections: keep some free for HTTP requests."""
+        return max(1, self.relay_connections - max(4, self.relay_connections // 16))
 
 
 def resolve_store_plans(flag_env: Mapping[str, str], store_backend: str, domain_backends: Mapping[str, str],
@@ -474,6 +481,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         "flag_env": flag_env,
         "domain_backends": explicit_audit,
         "flags_file": (values["store_flags_file"] or "").strip() or None,
+        "relay_connections": values["relay_connections"] or values["relay_threads"] or DEFAULT_CONNECTIONS,
     }
     # Every other setting is its variable's parsed value, under the same name.
     same = {f.name: values[f.name] for f in dataclasses.fields(Settings) if f.name in values}

@@ -48,7 +48,14 @@ class TrackedSocket:
         self._room = threading.Condition()
         self._backlog: Callable[[], int] = lambda: 0
         self._stopping = False
-        if send_timeout_s:
+        #: Under gunicorn's gevent worker the socket is gevent's, non-blocking underneath, so
+        #: ``SO_SNDTIMEO`` would never fire: the send deadline is a gevent timeout instead.
+        self._send_deadline: Optional[Callable[[], Any]] = None
+        if send_timeout_s and type(sock).__module__.split(".")[0] == "gevent":
+            import gevent
+
+            self._send_deadline = lambda: gevent.Timeout(send_timeout_s, TimeoutError("agent send timed out"))
+        elif send_timeout_s:
             seconds = int(send_timeout_s)
             micros = int((send_timeout_s - seconds) * 1_000_000)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
@@ -65,7 +72,11 @@ class TrackedSocket:
     def send(self, data: bytes) -> int:
         """Write all of ``data`` or raise ``OSError`` (including the send timeout)."""
         with self.lock:
-            self._sock.sendall(data)
+            if self._send_deadline is None:
+                self._sock.sendall(data)
+            else:
+                with self._send_deadline():
+                    self._sock.sendall(data)
         return len(data)
 
     def recv(self, bufsize: int) -> bytes:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Reque
 
 from relay.agents.sessions import MAX_BUFFERED_FRAMES, AgentSession, SessionRegistry, TrackedSocket
 from tests.support.helpers import race
+from tests.support.live_relay import PROJECT_ROOT
 
 
 class AgentEnd:
@@ -176,6 +179,31 @@ def test_send_json_gives_up_after_the_send_timeout_when_the_peer_does_not_read()
     finally:
         session.release(0.0)
         agent.sock.close()
+
+
+GEVENT_SEND_TIMEOUT = """
+from gevent import monkey; monkey.patch_all()
+import time
+from tests.agents.test_sessions import open_pair
+session, agent, _ = open_pair(send_timeout_s=0.3, small_buffers=True)
+started = time.monotonic()
+results = []
+for _ in range(50):
+    results.append(session.send_json({"type": "command", "pad": "x" * 65536}))
+    if not results[-1]:
+        break
+print(results[-1], session.closed, round(time.monotonic() - started, 2))
+"""
+
+
+def test_the_send_timeout_also_holds_on_gevent_sockets() -> None:
+    """Under gunicorn's gevent worker (the default) sockets are gevent's: run the case above there."""
+    done = subprocess.run([sys.executable, "-c", GEVENT_SEND_TIMEOUT], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    gave_up, closed, seconds = done.stdout.split()
+    assert (gave_up, closed) == ("False", "True")
+    assert float(seconds) < 5.0
 
 
 def test_concurrent_sends_arrive_whole_and_in_per_thread_order() -> None:

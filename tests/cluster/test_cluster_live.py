@@ -50,7 +50,7 @@ def cluster(redis_session: RedisServer, tmp_path_factory: pytest.TempPathFactory
     audit_dir = tmp_path_factory.mktemp("cluster-audit")
     cluster = Cluster({
         "STORE_BACKEND": "redis", "REDIS_URL": redis_session.url, "STORE_ENV": STORE_ENV,
-        "RELAY_WORKERS": "2", "RELAY_THREADS": "256", "RELAY_ADMIN_TOKEN": "cluster-admin",
+        "RELAY_WORKERS": "2", "RELAY_CONNECTIONS": "256", "RELAY_ADMIN_TOKEN": "cluster-admin",
         "ALLOWLIST_USERS": USERS, "RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
         "SWEEP_INTERVAL_MS": "250", "INFLIGHT_COMMAND_TIMEOUT_MS": "20000",
         "AUDIT_LOG_PATH": str(audit_dir / "audit.jsonl"),

@@ -25,6 +25,7 @@ def test_reference_defaults() -> None:
     ("REDIS_MACHINE_TTL_MS", "1500.5"), ("AUDIT_MAX_RECORDS", "-1"), ("STORE_BACKEND", "postgres"),
     ("WECOM_ENCODING_AES_KEY", "too-short"), ("REDIS_SOCKET_TIMEOUT_MS", "nan"), ("LOG_LEVEL", "loud"),
     ("STORE_ENV", "Prod!"), ("WECOM_AGENT_ID", "12a"), ("RELAY_THREADS", "2"),
+    ("RELAY_CONNECTIONS", "many"), ("RELAY_WORKER_CLASS", "eventlet"),
 ])
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -50,6 +51,14 @@ def test_legacy_store_variables_keep_working() -> None:
     assert s.store_app == "myapp"
     with pytest.raises(ConfigError, match="REDIS_URL"):
         load_settings({"STORE_MODE": "redis"})
+
+
+def test_relay_connections_bound_the_agents_and_relay_threads_is_its_former_name() -> None:
+    assert load_settings({}).relay_connections == 1024
+    assert load_settings({"RELAY_THREADS": "64"}).relay_connections == 64
+    assert load_settings({"RELAY_THREADS": "64", "RELAY_CONNECTIONS": "128"}).relay_connections == 128
+    # a reserve of connections stays free for HTTP requests
+    assert load_settings({"RELAY_CONNECTIONS": "128"}).max_agent_connections == 120
 
 
 def test_several_workers_need_redis_authority() -> None:

@@ -28,7 +28,7 @@ def relays(redis_cluster: LocalRedisCluster, tmp_path_factory: pytest.TempPathFa
     audit_dir = tmp_path_factory.mktemp("ha-cluster-audit")
     relays = Cluster({
         "STORE_BACKEND": "redis", "REDIS_URL": redis_cluster.url, "STORE_ENV": STORE_ENV,
-        "RELAY_WORKERS": "2", "RELAY_THREADS": "128", "RELAY_ADMIN_TOKEN": "cluster-admin",
+        "RELAY_WORKERS": "2", "RELAY_CONNECTIONS": "128", "RELAY_ADMIN_TOKEN": "cluster-admin",
         "ALLOWLIST_USERS": USERS, "RATE_LIMIT_PER_MINUTE": "1000", "SWEEP_INTERVAL_MS": "250",
         "AUDIT_LOG_PATH": str(audit_dir / "audit.jsonl"), "LOG_LEVEL": "WARNING",
     })

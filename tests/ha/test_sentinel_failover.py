@@ -133,7 +133,7 @@ def relay_on(sentinel: LocalSentinel, wait_replicas: int, audit_dir: Path) -> It
     env = {
         "STORE_BACKEND": "redis", "REDIS_URL": sentinel.url, "STORE_ENV": STORE_ENV,
         "REDIS_WAIT_REPLICAS": str(wait_replicas), "REDIS_BREAKER_RESET_TIMEOUT_MS": "1000",
-        "RELAY_WORKERS": "2", "RELAY_THREADS": "64", "ALLOWLIST_USERS": USER, "RATE_LIMIT_PER_MINUTE": "100000",
+        "RELAY_WORKERS": "2", "RELAY_CONNECTIONS": "64", "ALLOWLIST_USERS": USER, "RATE_LIMIT_PER_MINUTE": "100000",
         "RELAY_ADMIN_TOKEN": "cluster-admin", "AUDIT_LOG_PATH": str(audit_dir / "audit.jsonl"),
         "LOG_LEVEL": "WARNING",
     }

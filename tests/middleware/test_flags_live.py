@@ -39,7 +39,7 @@ def seconds_until_every_worker_runs(relay: LiveRelay, phase: str, workers: set[i
 
 
 def test_every_worker_applies_a_put_within_five_seconds(redis_server: RedisServer, tmp_path: Path) -> None:
-    env = {"STORE_BACKEND": "redis", "REDIS_URL": redis_server.url, "RELAY_WORKERS": "2", "RELAY_THREADS": "16",
+    env = {"STORE_BACKEND": "redis", "REDIS_URL": redis_server.url, "RELAY_WORKERS": "2", "RELAY_CONNECTIONS": "16",
            "RELAY_ADMIN_TOKEN": ADMIN, "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl")}
     with live_relay("wsgi:app", env=env) as relay:
         workers = set(relay.worker_pids())
