@@ -10,7 +10,9 @@ in a child process) that answers every command at once. Measured per mode, on on
   ``/ops/store`` reports the breaker open);
 * callbacks/s and HTTP latency p50/p95/p99 at concurrency 32;
 * CPU seconds of every relay process (gunicorn master and workers, from ``/proc/<pid>/stat``) and
-  of redis-server (``INFO cpu``), and callbacks per CPU-second;
+  of redis-server (``INFO cpu``), and callbacks per CPU-second. CPU is counted until the relay is
+  idle again after the load (``drain_s``), so results the agents send after the last callback
+  are paid for too;
 * latency at concurrency 1, and the round trip from callback to audited result (``/commands/<id>``
   polled until the agent's answer is recorded);
 * in Redis mode, Redis commands per callback (``INFO stats``), result handling and heartbeats
@@ -79,6 +81,19 @@ def _cpu_seconds(pid: int) -> float:
 def _relay_cpu(relay: LiveRelay) -> float:
     """CPU seconds of the gunicorn master and every worker."""
     return sum(_cpu_seconds(pid) for pid in [relay.pid, *relay.worker_pids()])
+
+
+def _quiesce(relay: LiveRelay, timeout_s: float = 30.0) -> float:
+    """Wait until the relay is idle again (under 8 % of a core over a quarter second) and return the
+    seconds waited. The agents may still be answering commands of the load when it ends; their
+    results are part of the callbacks' cost, and must not slow the measurements that follow."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = _relay_cpu(relay)
+        time.sleep(0.25)
+        if _relay_cpu(relay) - before < 0.02:
+            break
+    return time.monotonic() - started
 
 
 def _redis_cpu(client: Optional[redis.Redis]) -> float:
@@ -226,9 +241,11 @@ def _run_mode(mode: str, server: RedisServer, workdir: str) -> dict[str, Any]:
             if mode == "outage":
                 result["breaker_open_after_s"] = round(_open_breaker(relay, server), 2)
                 _load(relay, f"{mode}-warm2", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
+            _quiesce(relay)
             cpu_before, redis_before = _relay_cpu(relay), _redis_cpu(None if mode == "outage" else inspect)
             commands_before = _redis_commands(None if mode == "outage" else inspect)
             load = _load(relay, mode, MAX_CALLBACKS, CONCURRENCY, MAX_SECONDS)
+            result["drain_s"] = round(_quiesce(relay), 2)
             relay_cpu = _relay_cpu(relay) - cpu_before
             redis_cpu = _redis_cpu(None if mode == "outage" else inspect) - redis_before
             commands = _redis_commands(None if mode == "outage" else inspect) - commands_before
