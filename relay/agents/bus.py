@@ -42,6 +42,7 @@ import redis
 
 from relay.agents.bus_link import HEALTH_CHECK_S, Publisher, open_subscription
 from relay.agents.sessions import SessionRegistry
+from relay.jsontext import compact
 from relay.stores.keys import KeySpace
 from relay.stores.redis_connect import ClientOptions
 
@@ -240,7 +241,7 @@ class AgentBus:
         publisher = self._publisher
         if publisher is None:
             raise redis.ConnectionError("the bus is not started")
-        text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        text = compact(message)
         return publisher.publish(self.channel_of(instance_id), text)
 
     # -- receiving --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ reading while the handler thread is behind (TCP then slows the agent down).
 """
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import struct
@@ -24,6 +23,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
 from relay.agents.protocol import AgentConnection
+from relay.jsontext import compact, compact_ascii
 
 log = logging.getLogger("relay.agents")
 
@@ -233,11 +233,11 @@ class AgentSession:
 def _to_json(frame: dict[str, Any]) -> str:
     """Compact JSON with non-ASCII kept, like ``JSON.stringify``. Lone surrogates (an agent may send
     ``"\\ud800"``, and traces echo agent text) cannot be UTF-8 encoded, so such a frame is escaped."""
-    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    text = compact(frame)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(frame, separators=(",", ":"))
+        return compact_ascii(frame)
     return text
 
 

@@ -20,6 +20,7 @@ from relay.domains.idempotency import IdempotencyKeys
 from relay.domains.inflight import InflightCommands
 from relay.domains.locale import UserLocales
 from relay.domains.machines import MachineRegistry
+from relay.jsontext import compact
 from relay.domains.ratelimit import RateLimiter
 from relay.domains.templates import RetryTemplates
 from relay.stores.base import StoreError
@@ -81,7 +82,7 @@ class AuditTrail:
         """
         if self.path is None or not events:
             return
-        data = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events).encode()
+        data = "".join(compact(e) + "\n" for e in events).encode()
         try:
             with self._file_lock:
                 fd = self._open_fd()

@@ -9,13 +9,14 @@ charset when given a ``mimetype``.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Response
+
+from relay.jsontext import compact
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain"
@@ -42,7 +43,7 @@ def _js_values(value: Any) -> Any:
 
 def dumps(payload: Any) -> str:
     """``JSON.stringify(payload)``: compact, UTF-8 text kept, lone surrogates escaped."""
-    text = json.dumps(_js_values(payload), ensure_ascii=False, separators=(",", ":"))
+    text = compact(_js_values(payload))
     return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import marshmallow
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from marshmallow import fields
 
 from relay.stores.envelope import (
@@ -45,6 +48,14 @@ def test_time_format_golden_vectors() -> None:
     assert iso_ms(NOW_MS) == NOW_ISO
     assert parse_iso_ms(NOW_ISO) == NOW_MS
     assert parse_iso_ms("2024-11-19T15:06:40.123+08:00") == NOW_MS
+
+
+@given(st.integers(min_value=-10**12, max_value=4 * 10**12))
+def test_times_round_trip_and_match_the_calendar(epoch_ms: int) -> None:
+    text = iso_ms(epoch_ms)
+    whole = datetime.fromtimestamp(epoch_ms // 1000, tz=timezone.utc)
+    assert text == whole.strftime("%Y-%m-%dT%H:%M:%S") + f".{epoch_ms % 1000:03d}Z"
+    assert parse_iso_ms(text) == epoch_ms
 
 
 def test_encode_golden_vector() -> None:
