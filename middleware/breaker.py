@@ -51,6 +51,21 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
         """Calls refused without running (open circuit, or a half-open trial already running)."""
         return self._rejected
 
+    def refuse_now(self) -> bool:
+        """Count and return ``True`` when a call made now would be refused without running: the
+        circuit is open and its reset timeout has not passed. Lets a caller with somewhere else to
+        go skip building a call that cannot run. Once the timeout has passed it returns ``False``,
+        so the next call goes through ``call`` and becomes the half-open trial."""
+        storage = self._state_storage
+        if storage.state != STATE_OPEN:
+            return False
+        opened_at = storage.opened_at
+        if opened_at is None or datetime.now(timezone.utc) >= opened_at + timedelta(seconds=self.reset_timeout):
+            return False
+        with self._lock:
+            self._rejected += 1
+        return True
+
     # -- guarded calls ---------------------------------------------------------------------
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         trial = self._admit(func, args, kwargs)

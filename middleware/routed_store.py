@@ -209,9 +209,20 @@ class RoutedStore(Store):
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)
 
+    def _refused(self, backend: Store, op: str) -> bool:
+        """``True`` when ``backend`` may fall back to memory and its breaker refuses calls now: the
+        call is reported as rejected without being built (no journal settling, no Redis attempt),
+        so an outage costs little more than memory mode. The half-open trial still goes through."""
+        if not self._can_fall_back(backend) or not backend.refuses_calls():
+            return False
+        self._observer.operation(self.domain, backend.backend_name, op, REJECTED, 0.0)
+        return True
+
     def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None,
               keys: Sequence[str] = ()) -> T:
         try:
+            if self._refused(self._reader, op):
+                raise StoreUnavailable("circuit breaker open")
             result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
         except StoreError:
             if not self._can_fall_back(self._reader):
@@ -232,6 +243,8 @@ class RoutedStore(Store):
         """Run ``fn`` on the authoritative backend, then ``mirror`` (default: ``fn``) on the other."""
         keys = list(keys)
         try:
+            if self._refused(self._auth, op):
+                raise StoreUnavailable("circuit breaker open")
             result = self._call(self._auth, op, self._prepared(self._auth, keys, fn))
         except StoreError:
             if self._secondary is not None:

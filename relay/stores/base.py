@@ -127,6 +127,11 @@ class Store(abc.ABC):
     def __init__(self, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
         self.max_value_bytes = max_value_bytes
 
+    def refuses_calls(self) -> bool:
+        """``True`` when a call now would fail at once without being tried (an open circuit
+        breaker); such a refusal is counted. Stores without a breaker never refuse."""
+        return False
+
     # -- plain values -----------------------------------------------------------------
     @abc.abstractmethod
     def get(self, key: str) -> Optional[str]:

@@ -256,6 +256,10 @@ class _Health:
         self.last_error_at = time.time()
 
 
+#: What ``refuses_calls`` records as the last error, as ``execute`` would for a refused call.
+_REFUSED = pybreaker.CircuitBreakerError("circuit breaker open")
+
+
 def _ttl_arg(ttl_ms: Optional[int]) -> str:
     return "" if ttl_ms is None else str(ttl_ms)
 
@@ -344,6 +348,14 @@ class RedisStore(Store):
     def breaker_state(self) -> str:
         """``"closed"``, ``"open"`` or ``"half-open"``; always ``"closed"`` without a breaker."""
         return pybreaker.STATE_CLOSED if self.breaker is None else self.breaker.current_state
+
+    def refuses_calls(self) -> bool:
+        """Counted as ``execute`` counts a call the breaker refuses."""
+        if self.breaker is None or not self.breaker.refuse_now():
+            return False
+        self.counters.add("errors")
+        self._health.failed(_REFUSED, reachable=False)
+        return True
 
     @property
     def last_error(self) -> Optional[str]:
