@@ -29,6 +29,7 @@ import re
 import threading
 import time
 from bisect import bisect_left
+from collections import Counter as CountOf
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -413,6 +414,8 @@ class StoreMetrics:
         self._latency_children: dict[tuple[str, str, str, str], Any] = {}
         #: Calls reported since the last ``fold``; ``deque.append`` needs no lock.
         self._pending: deque[tuple[str, str, str, str, float, float]] = deque()
+        #: Counter increments (instrument name, label values) waiting for the next ``fold``.
+        self._counts: deque[tuple[str, tuple[str, ...]]] = deque()
         self._fold_lock = threading.Lock()
         self._folded_at = clock()
         self._folder: Optional[threading.Thread] = None
@@ -420,18 +423,19 @@ class StoreMetrics:
 
     # -- StoreObserver ------------------------------------------------------------------------------
     def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        """Queue the call for the next ``fold``; errors and timeouts are counted at once."""
+        """Queue the call, and its error or timeout, for the next ``fold``."""
         at = self._clock()
         self._pending.append((domain, backend, op, outcome, seconds, at))
         if outcome == TIMEOUT:
-            self._i.timeouts.labels(backend, domain, op).inc()
+            self._counts.append(("timeouts", (backend, domain, op)))
         elif outcome in (ERROR, REJECTED):
-            self._i.errors.labels(backend, domain, op, outcome).inc()
+            self._counts.append(("errors", (backend, domain, op, outcome)))
         if len(self._pending) >= FOLD_BATCH or at - self._folded_at >= FOLD_INTERVAL_S:
             self.fold()
 
     def fold(self) -> None:
-        """Add the queued calls to the latency histogram and the rolling windows.
+        """Add the queued calls to the latency histogram and the rolling windows, and the queued
+        errors, timeouts, fallbacks and mirror failures to their counters.
 
         In multiprocess mode each ``Histogram.observe`` takes prometheus_client's process-wide lock,
         calls ``getpid`` and writes the metrics file twice; at some 25 store calls per callback that
@@ -462,6 +466,14 @@ class StoreMetrics:
                 _add_observations(self._latency_child(labels), counts[:-1], counts[-1])
             for domain, calls in windows.items():
                 self._window(domain).calls(calls)
+            counts: CountOf[tuple[str, tuple[str, ...]]] = CountOf()
+            try:
+                while True:
+                    counts[self._counts.popleft()] += 1
+            except IndexError:
+                pass
+            for (instrument, labels), count in counts.items():
+                getattr(self._i, instrument).labels(*labels).inc(count)
         self.sync()
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
@@ -492,17 +504,17 @@ class StoreMetrics:
         return child
 
     def fallback(self, domain: str, op: str, kind: str) -> None:
-        self._i.fallbacks.labels(domain, op, kind).inc()
+        self._counts.append(("fallbacks", (domain, op, kind)))
         self._window(domain).fallback()
         self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
 
     def secondary_failure(self, domain: str, op: str) -> None:
-        self._i.secondary_failures.labels(domain, op).inc()
+        self._counts.append(("secondary_failures", (domain, op)))
         self._log_throttled(logging.WARNING, "mirrored store write failed", "store_secondary_write_failed",
                             domain, op)
 
     def secondary_skipped(self, domain: str, op: str) -> None:
-        self._i.secondary_skipped.labels(domain, op).inc()
+        self._counts.append(("secondary_skipped", (domain, op)))
 
     def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
         self._i.shadow.labels(domain, outcome).inc()

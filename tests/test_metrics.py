@@ -163,12 +163,14 @@ def test_each_observer_call_increments_its_counter(
 ) -> None:
     call(metrics)
     call(metrics)
+    metrics.fold()
 
     assert value(registry, sample, **labels) == 2
 
 
 def test_successful_calls_count_no_error_or_timeout(metrics: StoreMetrics, registry: CollectorRegistry) -> None:
     metrics.operation("machines", "redis", "get", "ok", 0.001)
+    metrics.fold()
 
     assert all(s.value == 0 for family in registry.collect() for s in family.samples
                if s.name in ("relay_store_errors_total", "relay_store_timeouts_total"))
@@ -265,8 +267,10 @@ def test_key_counts_are_published(metrics: StoreMetrics, registry: CollectorRegi
 
 def test_two_instances_on_their_own_registries_do_not_clash(clock: Clock) -> None:
     first, second = CollectorRegistry(), CollectorRegistry()
-    StoreMetrics(first, clock=clock).fallback("machines", "get", "read")
-    StoreMetrics(second, clock=clock)
+    reporting = StoreMetrics(first, clock=clock)
+    reporting.fallback("machines", "get", "read")
+    reporting.fold()
+    StoreMetrics(second, clock=clock).fold()
 
     assert value(first, "relay_store_fallbacks_total", domain="machines", op="get", kind="read") == 1
     assert value(second, "relay_store_fallbacks_total", domain="machines", op="get", kind="read") == 0
