@@ -117,7 +117,7 @@ class AuditIndex:
         store.update(command_id, change)
         if not applied:
             return False
-        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records)
+        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records, defer=True)
         return True
 
     def open(self, events: list[dict[str, Any]], flush: bool = False) -> dict[str, Any]:
@@ -163,6 +163,10 @@ class AuditIndex:
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)
+
+    def prefetch(self, command_id: str) -> None:
+        """``get`` or ``apply`` will be asked for this command: read it with the next round trip."""
+        self._store().prefetch(command_id)
 
     def _newest(self, page_size: int = PAGE) -> Iterator[dict[str, Any]]:
         """Records newest first, fetched ``page_size`` at a time."""

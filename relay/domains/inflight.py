@@ -40,6 +40,10 @@ class InflightCommands:
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)
 
+    def prefetch(self, command_id: str) -> None:
+        """``get`` or ``claim`` will be asked for this command: read it with the next round trip."""
+        self._store().prefetch(command_id)
+
     def claim(self, command_id: str) -> Optional[dict[str, Any]]:
         """Remove and return the record; ``None`` when absent or claimed by someone else first."""
         store = self._store()
@@ -47,7 +51,7 @@ class InflightCommands:
         if entry is None:
             return None
         claimed = store.delete_if(command_id, entry)
-        store.index_remove(INDEX, [command_id])
+        store.index_remove(INDEX, [command_id], defer=True)
         return entry.data if claimed else None
 
     def remove(self, command_id: str) -> None:

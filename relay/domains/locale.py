@@ -34,6 +34,7 @@ class UserLocales:
         self._store().prefetch(user_id)
 
     def remember(self, user_ids: list[str], locale: str) -> None:
+        """Store the users' reply locale, with the unit of work's next round trip."""
         users = sorted({u for u in user_ids if u})
         if users:
-            self._store().mset({u: {"locale": locale} for u in users}, self.ttl_ms)
+            self._store().mset({u: {"locale": locale} for u in users}, self.ttl_ms, defer=True)

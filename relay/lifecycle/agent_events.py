@@ -105,6 +105,8 @@ class AgentEvents:
     def handle_result(self, command_id: str, machine_id: str, status: str, summary: str) -> None:
         ctx = self.ctx
         domains = ctx.domains
+        domains.inflight.prefetch(command_id)
+        domains.audit.prefetch(command_id)
         ctx.trace(machine_id, "agent->relay", "result_received", commandId=command_id, machineId=machine_id,
                   status=status, detail=clip_for_trace(summary, 180))
         owner = domains.inflight.get(command_id)

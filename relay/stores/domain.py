@@ -118,8 +118,13 @@ class DomainStore:
     def set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> None:
         self.store.set(self.key(id_), self.encode(data), ttl_ms)
 
-    def mset(self, items: Mapping[str, Any], ttl_ms: Optional[int] = None) -> None:
-        self.store.mset({self.key(i): self.encode(d) for i, d in items.items()}, ttl_ms)
+    def mset(self, items: Mapping[str, Any], ttl_ms: Optional[int] = None, defer: bool = False) -> None:
+        """Write every record with the same TTL; with ``defer``, with the unit of work's next round trip."""
+        op = Op("mset", ({self.key(i): self.encode(d) for i, d in items.items()}, ttl_ms))
+        if defer:
+            self.store.defer(op)
+        else:
+            self.store.mset(*op.args)
 
     def delete(self, *ids: str) -> int:
         return self.store.delete(*(self.key(i) for i in ids)) if ids else 0
@@ -220,9 +225,16 @@ class DomainStore:
     ) -> list[tuple[str, float]]:
         return self.store.index_range(self.index_key(index), limit, newest_first, min_score, max_score)
 
-    def index_remove(self, index: str, members: Iterable[str]) -> int:
+    def index_remove(self, index: str, members: Iterable[str], defer: bool = False) -> int:
+        """Remove members; return how many were there (with ``defer``: sent with the unit of work's
+        next round trip, and 0)."""
         members = list(members)
-        return self.store.index_remove(self.index_key(index), members) if members else 0
+        if not members:
+            return 0
+        if defer:
+            self.store.defer(Op("index_remove", (self.index_key(index), members)))
+            return 0
+        return self.store.index_remove(self.index_key(index), members)
 
     def index_count(self, index: str) -> int:
         return self.store.index_count(self.index_key(index))

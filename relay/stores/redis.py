@@ -385,7 +385,7 @@ class RedisStore(Store):
         }
 
     def parser_name(self) -> str:
-        """The RESP parser class of a live pooled connection (``"_HiredisParser"`` with hiredis)."""
+        """The RESP parser class of a live pooled connection (``"ReadinessParser"``, over hiredis)."""
         pool = self._client().connection_pool
         conn = pool.get_connection()
         try:

@@ -2,6 +2,7 @@
 Sentinel pool that re-asks where the primary is."""
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,11 +12,13 @@ from redis.cluster import RedisCluster
 from relay.stores.redis_connect import (
     ClientOptions,
     FollowingSentinelPool,
+    ReadinessParser,
     SentinelMasterClient,
     connect,
     serves_primary,
 )
 from tests.support.rediscluster import LocalRedisCluster
+from tests.support.redisproc import RedisServer
 
 OPTIONS = ClientOptions(socket_timeout_s=0.3, connect_timeout_s=0.2, max_connections=7)
 
@@ -91,3 +94,32 @@ def test_a_subscription_on_a_demoted_primary_is_recognised() -> None:
     sentinels.primary = ("10.0.0.2", 6379)
     assert serves_primary(pubsub) is False
     assert serves_primary(SimpleNamespace(connection_pool=None, connection=None)) is True
+
+
+def test_the_readiness_check_sees_unread_replies_and_a_closed_server(redis_server: RedisServer) -> None:
+    client = connect(redis_server.url, OPTIONS)
+    connection = client.connection_pool.get_connection()
+    try:
+        assert isinstance(connection._parser, ReadinessParser)
+        assert connection.can_read() is False
+        connection.send_command("PING")
+        deadline = time.monotonic() + 2
+        while not connection.can_read() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert connection.can_read() is True
+        assert connection.read_response() == "PONG"
+        assert connection.can_read() is False
+
+        redis_server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        while time.monotonic() < deadline + 2:
+            try:
+                if connection.can_read():
+                    break
+            except redis.ConnectionError:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("a closed connection was not noticed")
+    finally:
+        client.connection_pool.release(connection)
+        client.close()
