@@ -53,15 +53,21 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
 
     def refuse_now(self) -> bool:
         """Count and return ``True`` when a call made now would be refused without running: the
-        circuit is open and its reset timeout has not passed. Lets a caller with somewhere else to
-        go skip building a call that cannot run. Once the timeout has passed it returns ``False``,
-        so the next call goes through ``call`` and becomes the half-open trial."""
+        circuit is open and its reset timeout has not passed, or it is half-open with the trial
+        call running. Lets a caller with somewhere else to go skip building a call that cannot run.
+        Once the timeout has passed it returns ``False``, so the next call goes through ``call`` and
+        becomes the half-open trial."""
         storage = self._state_storage
-        if storage.state != STATE_OPEN:
+        state = storage.state
+        if state == STATE_HALF_OPEN:
+            if not self._trial_running:
+                return False
+        elif state != STATE_OPEN:
             return False
-        opened_at = storage.opened_at
-        if opened_at is None or datetime.now(timezone.utc) >= opened_at + timedelta(seconds=self.reset_timeout):
-            return False
+        else:
+            opened_at = storage.opened_at
+            if opened_at is None or datetime.now(timezone.utc) >= opened_at + timedelta(seconds=self.reset_timeout):
+                return False
         with self._lock:
             self._rejected += 1
         return True

@@ -294,3 +294,43 @@ def test_aa_mode_measures_the_noise_floor_on_one_backend(rig: Rig) -> None:
     rig.shadow.stop()
     assert rig.shadow.counts["audit"] == {"match": 2}
     assert rig.redis.get(PREFIX + "a") is None
+
+
+def test_while_the_breaker_refuses_a_domain_with_fallback_goes_straight_to_memory(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refusing = RedisStore(rig.server.url, breaker=GuardedBreaker(fail_max=1, reset_timeout=60),
+                          socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
+    try:
+        assert refusing.ping()
+        assert refusing.breaker is not None
+        refusing.breaker.open()
+        backends = {"memory": rig.memory, "redis": refusing}
+        store = RoutedStore("audit", PRESETS["rampdown"], backends, rig.observer, journal=rig.journal)
+        inspect = rig.server.client()
+        commands_before = int(inspect.info("stats")["total_commands_processed"])
+
+        claims: list[str] = []
+        claim = rig.journal.claim
+        monkeypatch.setattr(rig.journal, "claim", lambda domain, key, **kw: claims.append(key) or claim(domain, key, **kw))
+
+        store.set(PREFIX + "k", envelope({"n": 0}, 900))
+        store.set(PREFIX + "k", envelope({"n": 1}, 1000))
+        assert store.get(PREFIX + "k") == envelope({"n": 1}, 1000)
+        assert claims == []  # the journalled key is not settled towards a Redis that would refuse
+
+        assert rig.memory.get(PREFIX + "k") == envelope({"n": 1}, 1000)
+        assert rig.journal.keys() == {"audit": [PREFIX + "k"]}
+        events = rig.observer.events
+        assert events["op", "redis", "set", "rejected"] == 2 and events["op", "redis", "get", "rejected"] == 1
+        assert events["fallback", "set", "write"] == 2 and events["fallback", "get", "read"] == 1
+        assert events["secondary_skipped", "set"] == 2
+        assert refusing.breaker.rejected == 3 and refusing.counters.snapshot()["errors"] == 3
+        # nothing was sent to Redis (the INFO call itself is the one command counted)
+        assert int(inspect.info("stats")["total_commands_processed"]) == commands_before + 1
+
+        without_fallback = RoutedStore("audit", PRESETS["redis-primary"], backends, rig.observer, journal=rig.journal)
+        with pytest.raises(StoreUnavailable):
+            without_fallback.set(PREFIX + "other", envelope({"n": 2}, 1000))
+    finally:
+        refusing.close()

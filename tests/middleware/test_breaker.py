@@ -1,0 +1,66 @@
+"""``GuardedBreaker.refuse_now``: when a caller may skip a call the breaker would refuse anyway."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from middleware.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreakerError, GuardedBreaker
+
+
+def fail() -> None:
+    raise ConnectionError("down")
+
+
+def trip(breaker: GuardedBreaker) -> None:
+    for _ in range(breaker.fail_max):
+        with pytest.raises((ConnectionError, CircuitBreakerError)):
+            breaker.call(fail)
+    assert breaker.current_state == STATE_OPEN
+
+
+def test_a_closed_breaker_refuses_nothing() -> None:
+    breaker = GuardedBreaker(fail_max=2, reset_timeout=60)
+    assert breaker.refuse_now() is False
+    assert breaker.rejected == 0
+
+
+def test_an_open_breaker_refuses_and_counts_until_its_reset_timeout() -> None:
+    breaker = GuardedBreaker(fail_max=2, reset_timeout=0.2)
+    trip(breaker)
+
+    assert breaker.refuse_now() is True
+    assert breaker.refuse_now() is True
+    assert breaker.rejected == 2
+
+    time.sleep(0.25)
+    assert breaker.refuse_now() is False  # the next call is the half-open trial
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.current_state == STATE_CLOSED
+
+
+def test_while_the_half_open_trial_runs_other_calls_are_refused() -> None:
+    breaker = GuardedBreaker(fail_max=1, reset_timeout=0.05)
+    trip(breaker)
+    time.sleep(0.1)
+    started, release = threading.Event(), threading.Event()
+
+    def trial() -> str:
+        started.set()
+        release.wait(5)
+        return "ok"
+
+    runner = threading.Thread(target=breaker.call, args=(trial,))
+    runner.start()
+    try:
+        assert started.wait(5)
+        assert breaker.current_state == STATE_HALF_OPEN
+        assert breaker.refuse_now() is True
+        with pytest.raises(CircuitBreakerError):
+            breaker.call(lambda: "second")
+    finally:
+        release.set()
+        runner.join(5)
+    assert breaker.current_state == STATE_CLOSED
+    assert breaker.refuse_now() is False
