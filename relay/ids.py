@@ -19,4 +19,7 @@ def valid_id(value: Any) -> bool:
     """A non-empty string of at most 128 characters, none of them control or format characters."""
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
         return False
+    if value.isascii():
+        # The only refused ASCII characters are the controls (C0 and DEL), which isprintable refuses.
+        return value.isprintable()
     return not any(unicodedata.category(ch) in _REFUSED_CATEGORIES for ch in value)

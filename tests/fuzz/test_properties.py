@@ -3,6 +3,7 @@ own documented errors, on any input, and the round trips hold."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
 import pytest
@@ -185,6 +186,13 @@ def test_agent_auth_judges_any_hello(machine_id: str, frame: Any, authorization:
 def test_id_validation_answers_anything(value: Any) -> None:
     ok = valid_id(value)
     assert not ok or (isinstance(value, str) and 0 < len(value) <= 128)
+
+
+@FAST
+@given(st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=128))
+def test_ascii_ids_are_judged_by_their_character_categories(value: str) -> None:
+    refused = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+    assert valid_id(value) == all(unicodedata.category(ch) not in refused for ch in value)
 
 
 @FAST
