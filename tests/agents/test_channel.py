@@ -417,8 +417,9 @@ def test_frames_alone_keep_a_peer_that_ignores_pings_alive(lively_relay: LiveRel
 
 
 # -- shutdown and limits --------------------------------------------------------------------------
-def test_sigterm_closes_agents_with_1001_and_the_worker_waits_for_them() -> None:
-    env = {"AGENT_TEST_MAX_CONNECTIONS": "3", "RELAY_GRACEFUL_TIMEOUT_S": "20"}
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_sigterm_closes_agents_with_1001_and_the_worker_waits_for_them(worker_class: str) -> None:
+    env = {"AGENT_TEST_MAX_CONNECTIONS": "3", "RELAY_GRACEFUL_TIMEOUT_S": "20", "RELAY_WORKER_CLASS": worker_class}
     with live_relay(TEST_APP, env=env) as limited:
         # earlier agents that came and went must not upset the worker's connection count
         for _ in range(3):
