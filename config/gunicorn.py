@@ -139,7 +139,9 @@ def _in_background(target: Any, *args: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """A worker that stops gracefully gives the sweep lease up and leaves the bus at once, so another
-    process leads the sweeps at its next period instead of after the lease TTL (docs/cluster.md)."""
+    process leads the sweeps at its next period instead of after the lease TTL (docs/cluster.md),
+    and publishes its last store metrics. Its interpreter teardown stays quiet under gevent."""
+    sys.unraisablehook = _quiet_greenlet_teardown
     relay = getattr(worker.wsgi, "extensions", {}).get("relay")
     if relay is None:
         return
@@ -147,6 +149,16 @@ def worker_exit(server: Any, worker: Any) -> None:
     if relay.bus is not None:
         relay.bus.stop()
     relay.metrics.stop()
+
+
+def _quiet_greenlet_teardown(unraisable: Any) -> None:
+    """Drop the one error gevent's teardown provokes: logging handlers freed at interpreter exit
+    take logging's lock, whose owner lookup is gevent's and fails once the main greenlet is being
+    finalized. Printed as an ignored exception on every worker exit, it would read like a fault."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and "greenlet is being finalized" in str(error):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 # -- Prometheus multiprocess mode ------------------------------------------------------------------

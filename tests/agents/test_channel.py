@@ -448,6 +448,7 @@ def test_sigterm_closes_agents_with_1001_and_the_worker_waits_for_them(worker_cl
     assert codes == [1001, 1001, 1001]
     assert logs.count("agent socket closed") == 6
     assert logs.rindex("agent socket closed") < logs.index("Worker exiting")
+    assert "Exception ignored" not in logs and "Traceback" not in logs
 
 
 @pytest.mark.parametrize("changes", [
