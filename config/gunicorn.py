@@ -21,7 +21,8 @@ for HTTP (``Settings.max_agent_connections``).
 
 Agents are tracked per process. With every domain in Redis, several workers (and instances) serve
 together: a machine held by another worker is reached through the bus (docs/cluster.md). With a
-domain in memory, startup refuses more than one worker.
+domain in memory, startup refuses more than one worker, however the count was given (``-w`` on the
+command line included: ``on_starting`` checks the count gunicorn will run).
 
 Environment: ``RELAY_HOST`` (default 0.0.0.0), ``RELAY_PORT`` (8787), ``RELAY_WORKERS`` (1),
 ``RELAY_WORKER_CLASS`` (gevent or gthread), ``RELAY_CONNECTIONS`` (1024),
@@ -183,6 +184,20 @@ def on_starting(server: Any) -> None:
     for name in os.listdir(path):
         if name.endswith(".db"):
             os.remove(os.path.join(path, name))
+    _check_worker_count(server.cfg.workers)
+
+
+def _check_worker_count(workers: int) -> None:
+    """``-w``/``--workers`` (or ``GUNICORN_CMD_ARGS``) overrides ``RELAY_WORKERS``. Tell the settings the
+    real count, so that state kept in process memory refuses several workers at startup, before
+    any worker starts, and at runtime (a flag change) as well."""
+    os.environ["RELAY_WORKERS"] = str(workers)
+    from config.settings import ConfigError, load_settings
+
+    try:
+        load_settings(os.environ)
+    except ConfigError as exc:
+        raise SystemExit(f"config/gunicorn.py: {exc}") from None
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -156,3 +156,10 @@ def test_500_agents_on_one_worker_all_registered_all_reachable_while_http_works(
         if worker_class == "gthread":
             # the reader threads end with their sockets; the pool keeps its idle threads
             assert _poll(lambda: relay.worker_stats()[0].threads <= AGENTS + 64, 10)
+
+
+def test_workers_given_on_the_command_line_are_checked_like_relay_workers() -> None:
+    with pytest.raises(RelayStartError) as failed:
+        start_relay(TEST_APP, env={"RELAY_WORKERS": "1", "STORE_PHASE": "memory"}, extra_args=("-w", "2"),
+                    startup_timeout_s=15)
+    assert "RELAY_WORKERS" in str(failed.value) and "process memory" in str(failed.value)

@@ -52,3 +52,17 @@ def test_every_worker_applies_a_put_within_five_seconds(redis_server: RedisServe
 
         refused = requests.put(relay.url("/ops/store/flags"), headers=AUTH, json={"STORE_PHASE": "shadow"}, timeout=5)
         assert refused.status_code == 400 and "RELAY_WORKERS=1" in refused.json()["details"]["STORE_PHASE"]
+
+
+def test_workers_given_on_the_command_line_also_refuse_memory_authority_at_runtime(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {"STORE_BACKEND": "redis", "REDIS_URL": redis_server.url, "RELAY_WORKERS": "1", "RELAY_CONNECTIONS": "16",
+           "RELAY_ADMIN_TOKEN": ADMIN, "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl")}
+    with live_relay("wsgi:app", env=env, extra_args=("-w", "2")) as relay:
+        deadline = time.monotonic() + 15
+        while len(relay.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(relay.worker_pids()) == 2
+        refused = requests.put(relay.url("/ops/store/flags"), headers=AUTH, json={"STORE_PHASE": "shadow"}, timeout=5)
+        assert refused.status_code == 400 and "RELAY_WORKERS=1" in refused.json()["details"]["STORE_PHASE"]
