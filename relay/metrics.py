@@ -33,7 +33,7 @@ from collections import Counter as CountOf
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import pybreaker
 from prometheus_client import (
@@ -55,6 +55,8 @@ from relay.stores.base import Store, StoreError
 __all__ = ["CONTENT_TYPE_LATEST", "KeyCardinality", "LATENCY_BUCKETS", "StoreMetrics", "multiprocess_dir"]
 
 log = logging.getLogger("relay.store")
+
+T = TypeVar("T")
 
 #: Histogram buckets in seconds, from 10 µs (memory calls) to 1 s (past the Redis deadline).
 LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
@@ -162,6 +164,16 @@ def _add_observations(child: Any, bucket_counts: Sequence[float], total: float) 
     for value, count in zip(child._buckets, bucket_counts):
         if count:
             value.inc(count)
+
+
+def _drain(queue: "deque[T]") -> list[T]:
+    """Everything in ``queue``, taken one by one (safe while other threads append)."""
+    items = []
+    try:
+        while True:
+            items.append(queue.popleft())
+    except IndexError:
+        return items
 
 
 # -- rolling window -------------------------------------------------------------------------------
@@ -274,10 +286,6 @@ class RollingWindow:
         elif bucket.second > second:
             return None
         return bucket
-
-    def call(self, backend: str, outcome: str, seconds: float, at: Optional[float] = None) -> None:
-        """Count one backend call; ``at`` is when it was made (clock seconds, default now)."""
-        self.calls([(backend, outcome, seconds, self._clock() if at is None else at)])
 
     def calls(self, calls: Iterable[tuple[str, str, float, float]]) -> None:
         """Count ``(backend, outcome, seconds, at)`` calls under one lock."""
@@ -446,35 +454,28 @@ class StoreMetrics:
         """
         with self._fold_lock:
             self._folded_at = self._clock()
-            batch = []
-            try:
-                while True:
-                    batch.append(self._pending.popleft())
-            except IndexError:
-                pass
-            histograms: dict[tuple[str, str, str, str], list[float]] = {}
-            windows: dict[str, list[tuple[str, str, float, float]]] = {}
-            for domain, backend, op, outcome, seconds, at in batch:
-                labels = (backend, domain, op, outcome)
-                counts = histograms.get(labels)
-                if counts is None:
-                    counts = histograms[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-                counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-                counts[-1] += seconds
-                windows.setdefault(domain, []).append((backend, outcome, seconds, at))
-            for labels, counts in histograms.items():
-                _add_observations(self._latency_child(labels), counts[:-1], counts[-1])
-            for domain, calls in windows.items():
-                self._window(domain).calls(calls)
-            counts: CountOf[tuple[str, tuple[str, ...]]] = CountOf()
-            try:
-                while True:
-                    counts[self._counts.popleft()] += 1
-            except IndexError:
-                pass
-            for (instrument, labels), count in counts.items():
+            self._fold_calls(_drain(self._pending))
+            increments = CountOf(_drain(self._counts))
+            for (instrument, labels), count in increments.items():
                 getattr(self._i, instrument).labels(*labels).inc(count)
         self.sync()
+
+    def _fold_calls(self, calls: list[tuple[str, str, str, str, float, float]]) -> None:
+        """Per label set, bucket counts and the sum for the histogram; per domain, the window's calls."""
+        histograms: dict[tuple[str, str, str, str], list[float]] = {}
+        windows: dict[str, list[tuple[str, str, float, float]]] = {}
+        for domain, backend, op, outcome, seconds, at in calls:
+            labels = (backend, domain, op, outcome)
+            buckets = histograms.get(labels)
+            if buckets is None:
+                buckets = histograms[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            buckets[-1] += seconds
+            windows.setdefault(domain, []).append((backend, outcome, seconds, at))
+        for labels, buckets in histograms.items():
+            _add_observations(self._latency_child(labels), buckets[:-1], buckets[-1])
+        for domain, window_calls in windows.items():
+            self._window(domain).calls(window_calls)
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
         """Fold every ``interval_s`` in a daemon thread, until ``stop``."""
