@@ -47,9 +47,10 @@ class ReadinessParser(_HiredisParser):
     """hiredis's parser with a cheaper "is anything unread?" check.
 
     redis-py asks it at every connection checkout (``can_read()``, no timeout). Under gunicorn's
-    gevent worker ``select.poll`` is gevent's, which runs the event loop even for a zero timeout:
-    about a tenth of the relay's CPU in Redis mode. A zero-timeout check cannot block, so it asks
-    the operating system's ``poll``; a check with a timeout takes the cooperative path as before.
+    gevent worker ``select.poll`` is gevent's, which goes through the event loop even for a zero
+    timeout (about a tenth of the worker's py-spy samples in Redis mode). A zero-timeout check cannot
+    block, so it asks the operating system's ``poll``; a check with a timeout takes the cooperative
+    path as before.
     """
 
     def can_read(self, timeout: float = 0) -> bool:
