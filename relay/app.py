@@ -184,6 +184,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["relay"] = relay
     _bind_stores_per_request(app, router)
+    _hold_agent_frames_per_request(app, sessions)
     register_routes(app)
     register_agent_channel(
         app, sessions, agent_events,
@@ -230,6 +231,22 @@ def _bind_stores_per_request(app: Flask, router: StoreRouter) -> None:
         scope = g.pop("store_scope", None)
         if scope is not None:
             scope.__exit__(None, None, None)
+
+
+def _hold_agent_frames_per_request(app: Flask, sessions: SessionRegistry) -> None:
+    """A request's trace frames go out with its command, or together when the request ends."""
+
+    @app.before_request
+    def hold() -> None:
+        block = sessions.holding()
+        block.__enter__()
+        g.agent_frames_held = block
+
+    @app.teardown_request
+    def release(_exc: Optional[BaseException]) -> None:
+        block = g.pop("agent_frames_held", None)
+        if block is not None:
+            block.__exit__(None, None, None)
 
 
 def _store_status(settings: Settings, router: StoreRouter) -> dict[str, Any]:

@@ -240,7 +240,7 @@ class AgentChannel:
     def _call(self, method: Callable[..., None], *args: Any) -> None:
         """Run one handler call inside its own frame scope; log and drop what it raises."""
         try:
-            with self._frame_scope():
+            with self._frame_scope(), self.registry.holding():
                 method(*args)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the socket
             session = args[0]

@@ -14,11 +14,13 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Optional, Union
 
 from simple_websocket import ConnectionClosed, Server
-from wsproto.events import Ping
+from wsproto.events import Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
@@ -27,6 +29,8 @@ from relay.jsontext import compact, compact_ascii
 
 log = logging.getLogger("relay.agents")
 
+#: Sessions with frames held by the running ``SessionRegistry.holding`` block, by session id.
+_holding: ContextVar[Optional[dict[str, "AgentSession"]]] = ContextVar("agent_frames_held", default=None)
 #: Frames received but not yet handled; beyond this the reader stops reading from the socket.
 MAX_BUFFERED_FRAMES = 32
 #: RFC 6455: the reason in a close frame is at most 123 bytes of UTF-8.
@@ -48,6 +52,8 @@ class TrackedSocket:
         self._room = threading.Condition()
         self._backlog: Callable[[], int] = lambda: 0
         self._stopping = False
+        #: Encoded frames waiting for the next write (``AgentSession.hold_json``).
+        self._held: list[bytes] = []
         #: Under gunicorn's gevent worker the socket is gevent's, non-blocking underneath, so
         #: ``SO_SNDTIMEO`` would never fire: the send deadline is a gevent timeout instead.
         self._send_deadline: Optional[Callable[[], Any]] = None
@@ -70,14 +76,32 @@ class TrackedSocket:
             self._room.notify_all()
 
     def send(self, data: bytes) -> int:
-        """Write all of ``data`` or raise ``OSError`` (including the send timeout)."""
+        """Write all of ``data``, after any held frames, or raise ``OSError`` (including the send
+        timeout)."""
         with self.lock:
+            if self._held:
+                data = b"".join([*self._held, data])
+                self._held.clear()
             if self._send_deadline is None:
                 self._sock.sendall(data)
             else:
                 with self._send_deadline():
                     self._sock.sendall(data)
         return len(data)
+
+    def hold(self, data: bytes) -> None:
+        """Keep encoded frames for the next write (the caller holds ``lock``)."""
+        self._held.append(data)
+
+    def flush(self) -> None:
+        """Write the held frames, if any; raise ``OSError`` like ``send``."""
+        with self.lock:
+            if self._held:
+                self.send(b"")
+
+    def drop_held(self) -> None:
+        with self.lock:
+            self._held.clear()
 
     def recv(self, bufsize: int) -> bytes:
         with self._room:
@@ -161,6 +185,41 @@ class AgentSession:
                 return True
             except (ConnectionClosed, LocalProtocolError):
                 return False
+            except OSError as exc:
+                error_name = type(exc).__name__
+        log.warning("agent send failed: %s (session %s machine %s)", error_name,
+                    self.session_id, self.machine_id,
+                    extra={"session_id": self.session_id, "machine_id": self.machine_id})
+        self.abort()
+        return False
+
+    def hold_json(self, frame: dict[str, Any]) -> bool:
+        """Inside ``SessionRegistry.holding``: encode ``frame`` now (so frames keep their order) and
+        write it with this socket's next write, or when the block ends. Elsewhere: ``send_json``.
+        ``False`` when the socket is closed or closing."""
+        held = _holding.get()
+        if held is None:
+            return self.send_json(frame)
+        text = _to_json(frame)
+        with self._sock.lock:
+            if self.closed or not self._server.connected:
+                return False
+            try:
+                self._sock.hold(self._server.ws.send(TextMessage(data=text)))
+            except LocalProtocolError:
+                return False
+        held[self.session_id] = self
+        return True
+
+    def flush_held(self) -> bool:
+        """Write the frames ``hold_json`` kept; ``False`` (and the socket aborted) if that fails."""
+        with self._sock.lock:
+            if self.closed:
+                self._sock.drop_held()
+                return False
+            try:
+                self._sock.flush()
+                return True
             except OSError as exc:
                 error_name = type(exc).__name__
         log.warning("agent send failed: %s (session %s machine %s)", error_name,
@@ -292,10 +351,31 @@ class SessionRegistry:
         with self._lock:
             return self._by_machine.get(machine_id)
 
-    def send(self, machine_id: str, frame: dict[str, Any]) -> bool:
-        """Send to the machine's socket; ``False`` if there is none or the send failed."""
+    def send(self, machine_id: str, frame: dict[str, Any], hold: bool = False) -> bool:
+        """Send to the machine's socket; ``False`` if there is none or the send failed. With
+        ``hold`` (informational frames such as traces), inside ``holding`` the frame goes out with
+        the socket's next write or when the block ends."""
         session = self.get(machine_id)
-        return session is not None and session.send_json(frame)
+        if session is None:
+            return False
+        if hold and isinstance(session, AgentSession):
+            return session.hold_json(frame)
+        return session.send_json(frame)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Frames sent with ``hold`` inside the block wait for the next frame to the same socket, or
+        for the end of the block: one write instead of several. A callback's traces then go out with
+        its command and once more at the end, instead of in four writes. An inner block sends what it
+        held when it ends (each agent frame is one, inside the request that opened the socket)."""
+        held: dict[str, AgentSession] = {}
+        token = _holding.set(held)
+        try:
+            yield
+        finally:
+            _holding.reset(token)
+            for session in held.values():
+                session.flush_held()
 
     def machine_ids(self) -> list[str]:
         with self._lock:

@@ -179,9 +179,9 @@ class LifecycleContext:
         return event
 
     def trace(self, machine_id: Optional[str], direction: str, stage: str, **fields_: Any) -> None:
-        """Send a ``relay.trace`` frame to the machine's socket: here, or forwarded (unconfirmed) to the
-        process holding it. Traces are informational: a store failure while looking the holder up is
-        ignored."""
+        """Send a ``relay.trace`` frame to the machine's socket: here (held for the socket's next write
+        inside ``SessionRegistry.holding``), or forwarded (unconfirmed) to the process holding it.
+        Traces are informational: a store failure while looking the holder up is ignored."""
         if not machine_id:
             return
         trace: dict[str, Any] = {"direction": direction, "stage": stage}
@@ -193,7 +193,7 @@ class LifecycleContext:
                 trace[name] = value
         trace["at"] = self.now_iso()
         frame = {"type": "relay.trace", "trace": trace}
-        if self.sessions.send(machine_id, frame) or self.bus is None:
+        if self.sessions.send(machine_id, frame, hold=True) or self.bus is None:
             return
         try:
             record = self.domains.machines.get(machine_id)

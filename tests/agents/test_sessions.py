@@ -155,6 +155,62 @@ def test_send_json_returns_false_once_the_peer_closed(pair: tuple[AgentSession, 
         session.receive(timeout=1.0)
 
 
+def test_held_frames_go_out_in_order_with_the_next_frame_and_at_the_end_of_the_block(
+    pair: tuple[AgentSession, AgentEnd, Server]
+) -> None:
+    session, agent, server = pair
+    registry = SessionRegistry()
+    registry.attach("m1", session)
+    writes: list[bytes] = []
+    server.sock._sock = WriteCounter(server.sock._sock, writes)
+
+    with registry.holding():
+        assert registry.send("m1", {"n": 1}, hold=True)
+        assert writes == []
+        assert registry.send("m1", {"n": 2})  # not held: goes out at once, after frame 1
+        assert len(writes) == 1
+        assert registry.send("m1", {"n": 3}, hold=True) and registry.send("m1", {"n": 4}, hold=True)
+        assert len(writes) == 1
+    assert len(writes) == 2
+
+    assert [json.loads(t)["n"] for t in agent.texts(4)] == [1, 2, 3, 4]
+    assert registry.send("m1", {"n": 5}, hold=True)  # outside a block: at once
+    assert len(writes) == 3 and [json.loads(t)["n"] for t in agent.texts(1)] == [5]
+
+
+def test_an_inner_block_sends_what_it_held_when_it_ends(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
+    session, agent, _ = pair
+    registry = SessionRegistry()
+    with registry.holding():  # the request that opened the socket lasts as long as the socket
+        with registry.holding():  # one agent frame
+            assert session.hold_json({"n": 1})
+        assert [json.loads(t)["n"] for t in agent.texts(1)] == [1]
+
+
+def test_frames_held_for_a_socket_that_closes_are_dropped(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
+    session, _, _ = pair
+    with SessionRegistry().holding():
+        assert session.hold_json({"n": 1})
+        session.close()
+        assert session.hold_json({"n": 2}) is False
+    assert session.flush_held() is False
+
+
+class WriteCounter:
+    """Wraps the relay end's socket and records each ``sendall``."""
+
+    def __init__(self, sock: socket.socket, writes: list[bytes]) -> None:
+        self._sock = sock
+        self._writes = writes
+
+    def sendall(self, data: bytes) -> None:
+        self._writes.append(data)
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 def test_send_json_returns_false_and_aborts_when_the_write_fails(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
     session, _, server = pair
     server.sock._sock.shutdown(socket.SHUT_WR)  # the next write raises EPIPE while reads still work
