@@ -186,12 +186,8 @@ class AgentSession:
             except (ConnectionClosed, LocalProtocolError):
                 return False
             except OSError as exc:
-                error_name = type(exc).__name__
-        log.warning("agent send failed: %s (session %s machine %s)", error_name,
-                    self.session_id, self.machine_id,
-                    extra={"session_id": self.session_id, "machine_id": self.machine_id})
-        self.abort()
-        return False
+                error = exc
+        return self._write_failed(error)
 
     def hold_json(self, frame: dict[str, Any]) -> bool:
         """Inside ``SessionRegistry.holding``: encode ``frame`` now (so frames keep their order) and
@@ -221,8 +217,12 @@ class AgentSession:
                 self._sock.flush()
                 return True
             except OSError as exc:
-                error_name = type(exc).__name__
-        log.warning("agent send failed: %s (session %s machine %s)", error_name,
+                error = exc
+        return self._write_failed(error)
+
+    def _write_failed(self, error: OSError) -> bool:
+        """A failed write aborts the socket (the stream may hold half a frame); always ``False``."""
+        log.warning("agent send failed: %s (session %s machine %s)", type(error).__name__,
                     self.session_id, self.machine_id,
                     extra={"session_id": self.session_id, "machine_id": self.machine_id})
         self.abort()
