@@ -159,7 +159,11 @@ def test_500_agents_on_one_worker_all_registered_all_reachable_while_http_works(
 
 
 def test_workers_given_on_the_command_line_are_checked_like_relay_workers() -> None:
-    with pytest.raises(RelayStartError) as failed:
-        start_relay(TEST_APP, env={"RELAY_WORKERS": "1", "STORE_PHASE": "memory"}, extra_args=("-w", "2"),
-                    startup_timeout_s=15)
-    assert "RELAY_WORKERS" in str(failed.value) and "process memory" in str(failed.value)
+    try:
+        started = start_relay(TEST_APP, env={"RELAY_WORKERS": "1", "STORE_PHASE": "memory"},
+                              extra_args=("-w", "2"), startup_timeout_s=15)
+    except RelayStartError as failed:
+        assert "RELAY_WORKERS" in str(failed) and "process memory" in str(failed)
+    else:
+        started.stop()
+        pytest.fail("two workers started with the state in process memory")
