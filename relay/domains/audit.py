@@ -14,7 +14,7 @@ twice (reference §13 items 8, 9, 13). Rules that differ from the reference on p
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import marshmallow
@@ -26,6 +26,8 @@ from relay.stores.envelope import EnvelopeSchema, parse_iso_ms
 
 INDEX = "updated"
 PAGE = 200
+#: An audit record as stored (``RECORD_KEYS``).
+Record = dict[str, Any]
 
 
 class EventSchema(marshmallow.Schema):
@@ -103,22 +105,7 @@ class AuditIndex:
 
     def apply(self, event: dict[str, Any]) -> bool:
         """Add ``event`` to its command's record; ``False`` when it was already there."""
-        store = self._store()
-        command_id = event["commandId"]
-        applied: list[dict[str, Any]] = []
-
-        def change(current: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-            applied.clear()
-            new = apply_event(current, event, self.max_events)
-            if new is not None:
-                applied.append(new)
-            return new
-
-        store.update(command_id, change)
-        if not applied:
-            return False
-        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records, defer=True)
-        return True
+        return self._update(event["commandId"], lambda current: apply_event(current, event, self.max_events))
 
     def open(self, events: list[dict[str, Any]], flush: bool = False) -> dict[str, Any]:
         """Record the first events of a new command, whose id is fresh (so no record exists yet):
@@ -139,26 +126,34 @@ class AuditIndex:
         """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a
         dispatch that then failed): while the record is still exactly ``opened``, ``early`` is replaced
         by ``replacement``; once anything else was added, ``replacement`` is added like ``apply`` does."""
-        store = self._store()
-        command_id = opened["commandId"]
-        applied: list[dict[str, Any]] = []
-
-        def change(current: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-            applied.clear()
+        def change(current: Optional[Record]) -> Optional[Record]:
             if current == opened:
                 current = None
                 for event in opened["events"]:
                     if event != early:
                         current = apply_event(current, event, self.max_events) or current
-            new = apply_event(current, replacement, self.max_events)
+            return apply_event(current, replacement, self.max_events)
+
+        return self._update(opened["commandId"], change)
+
+    def _update(self, command_id: str, change: Callable[[Optional[Record]], Optional[Record]]) -> bool:
+        """Replace the record with ``change(record)`` (retried on a concurrent write) and index it,
+        the index entry with the unit of work's next round trip; ``False`` when ``change`` returned
+        ``None`` (nothing to add)."""
+        store = self._store()
+        applied: list[Record] = []
+
+        def tracked(current: Optional[Record]) -> Optional[Record]:
+            applied.clear()
+            new = change(current)
             if new is not None:
                 applied.append(new)
             return new
 
-        store.update(command_id, change)
+        store.update(command_id, tracked)
         if not applied:
             return False
-        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records)
+        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records, defer=True)
         return True
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:

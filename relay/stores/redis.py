@@ -516,19 +516,25 @@ class RedisStore(Store):
         keys = list(keys)
         if not keys:
             return []
-        return self._run(lambda b: b.client.mget(keys), idempotent=True)
+        return self._run(lambda b: self._mget(b, keys), idempotent=True)
 
     def mset(self, items: Mapping[str, str], ttl_ms: Optional[int] = None) -> None:
         ttl_ms = validate_ttl(ttl_ms)
         checked = {k: validate_value(v, self.max_value_bytes) for k, v in items.items()}
-        if not checked:
-            return
+        if checked:
+            self._run(lambda b: self._mset(b, checked, ttl_ms), idempotent=True)
+
+    def _mget(self, b: _Bound, keys: list[str]) -> list[Optional[str]]:
+        """The ``MGET`` of checked, non-empty ``keys`` (a cluster splits it by slot)."""
+        return b.client.mget(keys)
+
+    def _mset(self, b: _Bound, items: dict[str, str], ttl_ms: Optional[int]) -> None:
+        """Write checked, non-empty ``items`` atomically, each with ``ttl_ms`` (a cluster splits it by slot)."""
         if ttl_ms is None:
-            self._run(lambda b: b.client.mset(checked), idempotent=True)
+            b.client.mset(items)
             return
-        keys = list(checked)
-        args = [checked[k] for k in keys] + [ttl_ms]
-        self._run(lambda b: b.mset_with_ttl(keys=keys, args=args), idempotent=True)
+        keys = list(items)
+        b.mset_with_ttl(keys=keys, args=[items[k] for k in keys] + [ttl_ms])
 
     # -- atomic helpers --------------------------------------------------------------------------
     def set_if_absent(self, key: str, value: str, ttl_ms: Optional[int] = None) -> bool:

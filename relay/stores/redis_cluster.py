@@ -28,7 +28,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError, TryAgainError
 
-from relay.stores.base import Op, Store, StoreUnavailable, validate_ttl, validate_value
+from relay.stores.base import Op, Store, StoreUnavailable
 from relay.stores.redis import ClientFactory, RedisStore
 from relay.stores.redis_connect import node_client_for
 
@@ -83,29 +83,18 @@ class RedisClusterStore(RedisStore):
             pool.release(conn)
 
     # -- multi-key operations, split by slot ---------------------------------------------------------
-    def mget(self, keys: Sequence[str]) -> list[Optional[str]]:
-        keys = list(keys)
-        if not keys:
-            return []
-        return self._run(lambda b: b.client.mget_nonatomic(keys), idempotent=True)
+    def _mget(self, b: Any, keys: list[str]) -> list[Optional[str]]:
+        return b.client.mget_nonatomic(keys)
 
-    def mset(self, items: Mapping[str, str], ttl_ms: Optional[int] = None) -> None:
-        ttl_ms = validate_ttl(ttl_ms)
-        checked = {k: validate_value(v, self.max_value_bytes) for k, v in items.items()}
-        if not checked:
-            return
+    def _mset(self, b: Any, items: dict[str, str], ttl_ms: Optional[int]) -> None:
         if ttl_ms is None:
-            self._run(lambda b: b.client.mset_nonatomic(checked), idempotent=True)
+            b.client.mset_nonatomic(items)
             return
-
-        def by_slot(b: Any) -> None:
-            slots: dict[int, list[str]] = defaultdict(list)
-            for key in checked:
-                slots[b.client.keyslot(key)].append(key)
-            for keys in slots.values():
-                b.mset_with_ttl(keys=keys, args=[checked[k] for k in keys] + [ttl_ms])
-
-        self._run(by_slot, idempotent=True)
+        slots: dict[int, list[str]] = defaultdict(list)
+        for key in items:
+            slots[b.client.keyslot(key)].append(key)
+        for keys in slots.values():
+            b.mset_with_ttl(keys=keys, args=[items[k] for k in keys] + [ttl_ms])
 
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
                          record_prefix: str) -> list[str]:
