@@ -11,7 +11,6 @@ import redis
 from relay.agents.bus_link import Publisher, Subscription, open_subscription
 from relay.stores.redis_connect import ClientOptions
 from tests.support.rediscluster import LocalRedisCluster
-from tests.support.redisproc import RedisServer
 
 OPTIONS = ClientOptions(socket_timeout_s=2, connect_timeout_s=1)
 CHANNELS = [f"codexbridge:test:bus:host:{n}:x" for n in range(8)]

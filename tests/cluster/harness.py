@@ -20,6 +20,7 @@ from typing import Any, Optional
 import requests
 import websocket
 
+from tests.support.helpers import race
 from tests.support.live_relay import LiveRelay, start_relay
 
 ADMIN_TOKEN = "cluster-admin"
@@ -102,6 +103,21 @@ def callback(relay: LiveRelay, text: str, machine_id: Optional[str], user_id: st
     if machine_id is not None:
         body["machineId"] = machine_id
     return requests.post(relay.url("/wecom/callback"), json=body, timeout=10)
+
+
+def race_one_msg_id(relays: tuple[LiveRelay, LiveRelay], count: int, text: str, machine_id: str,
+                    msg_id: str) -> list[Optional[str]]:
+    """Send one msgId ``count`` times at once, alternating between ``relays``; each answer's status
+    (the HTTP code when not 200, ``None`` when the request failed)."""
+
+    def send(n: int) -> Optional[str]:
+        try:
+            reply = callback(relays[n % 2], text, machine_id, "dup", msg_id=msg_id)
+        except requests.RequestException:
+            return None
+        return reply.json().get("status") if reply.status_code == 200 else str(reply.status_code)
+
+    return race(count, send, timeout_s=60)
 
 
 def statuses(relay: LiveRelay, command_id: str) -> list[str]:

@@ -25,10 +25,10 @@ from tests.cluster.harness import (
     is_terminal,
     machine_ids,
     post,
+    race_one_msg_id,
     statuses,
     wait_for,
 )
-from tests.support.helpers import race
 from tests.support.live_relay import LiveRelay, RelayStartError, start_relay
 from tests.support.redisproc import RedisServer
 
@@ -148,15 +148,7 @@ def test_one_msg_id_sent_200_times_to_both_instances_dispatches_once(pair: tuple
     with ClusterAgent("box-dup", [b.agent_url]) as agent:
         assert agent.wait_connected()
         assert wait_for(lambda: "box-dup" in machine_ids(a))
-
-        def send(n: int) -> Optional[str]:
-            try:
-                reply = callback((a, b)[n % 2], "@dev do it once", "box-dup", "dup", msg_id="dup-msg-1")
-            except requests.RequestException:
-                return None
-            return reply.json().get("status") if reply.status_code == 200 else str(reply.status_code)
-
-        results = race(200, send, timeout_s=60)
+        results = race_one_msg_id((a, b), 200, "@dev do it once", "box-dup", "dup-msg-1")
         assert results.count("sent_to_agent") == 1
         assert results.count("duplicate_ignored") == 199
         assert wait_for(lambda: len(agent.commands()) >= 1)

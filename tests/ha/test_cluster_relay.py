@@ -8,13 +8,10 @@ listings must see all of them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Optional
 
 import pytest
-import requests
 
-from tests.cluster.harness import Cluster, ClusterAgent, callback, get, machine_ids, post, wait_for
-from tests.support.helpers import race
+from tests.cluster.harness import Cluster, ClusterAgent, callback, get, machine_ids, post, race_one_msg_id, wait_for
 from tests.support.live_relay import LiveRelay
 from tests.support.rediscluster import LocalRedisCluster
 
@@ -87,15 +84,7 @@ def test_a_msg_id_sent_to_both_instances_is_dispatched_once(pair: tuple[LiveRela
     with ClusterAgent("box-c2", [b.agent_url]) as agent:
         assert agent.wait_connected()
         assert wait_for(lambda: "box-c2" in machine_ids(a))
-
-        def send(n: int) -> Optional[str]:
-            try:
-                reply = callback((a, b)[n % 2], "@dev only once", "box-c2", "dup", msg_id="cluster-dup-1")
-            except requests.RequestException:
-                return None
-            return reply.json().get("status") if reply.status_code == 200 else str(reply.status_code)
-
-        results = race(40, send, timeout_s=60)
+        results = race_one_msg_id((a, b), 40, "@dev only once", "box-c2", "cluster-dup-1")
         assert results.count("sent_to_agent") == 1
         assert results.count("duplicate_ignored") == 39
         assert wait_for(lambda: len(agent.commands()) == 1)
