@@ -62,6 +62,17 @@ def faulty_relay(proxy: FaultProxy, tmp_path: Path, phase: str, app: str = "wsgi
         yield relay
 
 
+@contextmanager
+def agent_and_traffic(relay: LiveRelay, warm_up: int = 20) -> Iterator[tuple[ClusterAgent, "Traffic"]]:
+    """The scene of a fault test: the agent "fault-box" connected to ``relay`` and steady callback
+    traffic, ``warm_up`` of them answered before the test goes on (0: do not wait)."""
+    with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
+        assert agent.wait_connected()
+        if warm_up:
+            assert traffic.wait_for_more(warm_up)
+        yield agent, traffic
+
+
 def admin_get(relay: LiveRelay, path: str) -> requests.Response:
     return requests.get(relay.url(path), headers=ADMIN, timeout=10)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.cluster.harness import ClusterAgent, wait_for
+from tests.cluster.harness import wait_for
 from tests.faults.conftest import Figures
 from tests.faults.harness import (
-    Traffic,
+    agent_and_traffic,
     assert_retries_processed,
     check_invariants,
     faulty_relay,
@@ -42,9 +42,7 @@ def test_refused_writes_are_handled_like_an_outage(
         phase: str, status: int, proxy: FaultProxy, direct: redis.Redis, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, phase) as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             traffic.mark("fault")
             fill_up(direct)
             assert traffic.wait_for_more(30, status=status)

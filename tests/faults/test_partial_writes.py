@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.cluster.harness import ClusterAgent, wait_for
+from tests.cluster.harness import wait_for
 from tests.faults.conftest import Figures
 from tests.faults.harness import (
-    Traffic,
+    agent_and_traffic,
     check_invariants,
     command_record,
     faulty_relay,
@@ -35,9 +35,7 @@ def test_redis_mirror_failing_under_memory_authority_is_repaired(
         proxy: FaultProxy, redis_server: RedisServer, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "shadow") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             traffic.mark("fault")
             proxy.refuse()
             proxy.reset()
@@ -73,9 +71,7 @@ def test_memory_mirror_failing_under_redis_authority_is_repaired(
     app = "tests.faults.app_for_faults:create_app()"
     with faulty_relay(proxy, tmp_path, "redis-read", app=app, FAULT_MEMORY_SWITCH=str(switch)) as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             traffic.mark("fault")
             switch.touch()
             assert traffic.wait_for_more(40)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.cluster.harness import ClusterAgent, wait_for
+from tests.cluster.harness import wait_for
 from tests.faults.conftest import Figures
 from tests.faults.harness import (
+    agent_and_traffic,
     MACHINE,
     Traffic,
     admin_get,
@@ -62,9 +63,7 @@ def test_restart_with_data_kept_the_relay_reconnects_by_itself(
         proxy: FaultProxy, persistent_redis: RedisServer, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "redis-primary") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             held = hold(traffic, "held-across-restart")
             proxy.slow_close(200)  # the server's close reaches the relay late, as over a slow network
             traffic.mark("fault")
@@ -90,9 +89,7 @@ def test_restart_empty_with_a_memory_copy_restores_everything(
         proxy: FaultProxy, redis_server: RedisServer, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "redis-read") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             held = hold(traffic, "held-across-data-loss")
             history = command_record(relay, held)
             traffic.mark("fault")
@@ -121,9 +118,7 @@ def test_restart_empty_without_a_memory_copy_restores_audit_inflight_and_machine
         proxy: FaultProxy, redis_server: RedisServer, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "redis-primary") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             held = hold(traffic, "held-across-data-loss")
             history = command_record(relay, held)
             traffic.mark("fault")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import requests
 
-from tests.cluster.harness import ClusterAgent, wait_for
+from tests.cluster.harness import wait_for
 from tests.faults.conftest import Figures
 from tests.faults.harness import (
+    agent_and_traffic,
     ADMIN,
-    Traffic,
     admin_get,
     assert_retries_processed,
     check_invariants,
@@ -36,8 +36,7 @@ def test_with_fallback_it_serves_from_memory_then_returns_to_redis_by_itself(
     proxy.refuse()
     with faulty_relay(proxy, tmp_path, "redis-read") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
+        with agent_and_traffic(relay, warm_up=0) as (agent, traffic):
             traffic.mark("fault")
             assert traffic.wait_for_more(20)
             assert wait_for(lambda: degraded(relay) == (True, True), timeout_s=5)
@@ -77,8 +76,7 @@ def test_without_fallback_routes_answer_503_until_redis_appears(
     with faulty_relay(proxy, tmp_path, "redis-primary") as relay:
         workers = relay.worker_pids()
         assert requests.get(relay.url("/healthz"), timeout=5).status_code == 200
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
+        with agent_and_traffic(relay, warm_up=0) as (agent, traffic):
             traffic.mark("fault")
             assert traffic.wait_for_more(10, status=503)
             refused = next(s for s in traffic.in_phase("fault") if s.status == 503)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.cluster.harness import ClusterAgent, wait_for
+from tests.cluster.harness import wait_for
 from tests.faults.conftest import Figures
 from tests.faults.harness import (
-    Traffic,
+    agent_and_traffic,
     assert_retries_processed,
     breaker_transitions,
     check_invariants,
@@ -30,9 +30,7 @@ def test_blackhole_with_fallback_is_bounded_and_the_breaker_cycles(
         proxy: FaultProxy, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "redis-read") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
             traffic.mark("latency")
             proxy.latency(30, jitter_ms=20)
             assert traffic.wait_for_more(15)
@@ -61,9 +59,7 @@ def test_sigstop_and_lost_replies_without_fallback_fail_fast_and_lose_nothing(
         proxy: FaultProxy, redis_server: RedisServer, tmp_path: Path, figures: Figures) -> None:
     with faulty_relay(proxy, tmp_path, "redis-primary") as relay:
         workers = relay.worker_pids()
-        with ClusterAgent("fault-box", [relay.agent_url], heartbeat_s=0.5) as agent, Traffic(relay) as traffic:
-            assert agent.wait_connected()
-            assert traffic.wait_for_more(20)
+        with agent_and_traffic(relay) as (agent, traffic):
 
             traffic.mark("fault")
             redis_server.pause()
