@@ -77,6 +77,7 @@ from relay.stores.base import (
 )
 from relay.stores.keys import LUA_ESCAPE_ID, escape_id
 from relay.stores.redis_connect import ClientOptions, connect, is_cluster
+from relay.stores.redis_pipeline import ConnectionPipeline
 from relay.stores.replication import ReplicaWait
 
 log = logging.getLogger("relay.stores")
@@ -178,15 +179,39 @@ return {count, 0}
 
 @dataclass(frozen=True)
 class _Queued:
-    """One operation ready for a pipeline: how to queue it and how to read its reply."""
+    """One operation ready for a pipeline: its command and how to read its raw reply."""
 
-    queue: Callable[[Any], Any]
+    command: tuple[Any, ...]
     convert: Callable[[Any], Any]
     idempotent: bool
 
 
 def _same(reply: Any) -> Any:
     return reply
+
+
+def _nothing(reply: Any) -> None:
+    return None
+
+
+def _is_ok(reply: Any) -> bool:
+    """``SET ... NX``: ``OK`` when set, nil when the key existed."""
+    return reply is not None
+
+
+def _is_one(reply: Any) -> bool:
+    return reply == 1
+
+
+def _px(ttl_ms: Optional[int]) -> tuple[Any, ...]:
+    return () if ttl_ms is None else ("PX", ttl_ms)
+
+
+def _score_pairs(reply: list[Any]) -> list[tuple[str, float]]:
+    """A ``WITHSCORES`` reply as (member, score) pairs: RESP3 sends pairs, RESP2 a flat list."""
+    if reply and type(reply[0]) is list:
+        return [(member, float(score)) for member, score in reply]
+    return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
 
 
 def _pad(args: tuple[Any, ...], size: int) -> tuple[Any, ...]:
@@ -653,9 +678,9 @@ class RedisStore(Store):
         def run(b: _Bound) -> list[Any]:
             pipe = self._pipeline(b, ops)
             for item in queued:
-                item.queue(pipe)
+                pipe.execute_command(*item.command)
             if wait is not None:
-                pipe.wait(wait.replicas, wait.timeout_ms)
+                pipe.execute_command("WAIT", wait.replicas, wait.timeout_ms)
             replies = pipe.execute(raise_on_error=False)
             failed = next((r for r in replies if isinstance(r, Exception)), None)
             if failed is not None:
@@ -671,109 +696,101 @@ class RedisStore(Store):
                 self.delete(*(op.args[3] + escape_id(m) for m in result[1]))
         return [result[0] if op.name == "index_add_capped" else result for op, result in zip(ops, results)]
 
-    def _pipeline(self, b: _Bound, ops: Sequence[Op]) -> Any:
-        """A non-transactional pipeline (one connection) for ``ops``."""
-        return b.client.pipeline(transaction=False)
+    def _pipeline(self, b: _Bound, ops: Sequence[Op]) -> ConnectionPipeline:
+        """A pipeline (one connection, no ``MULTI``) for ``ops``."""
+        return ConnectionPipeline(b.client.connection_pool)
 
     def _waits_for(self, key: str) -> bool:
         return self.replica_wait is not None and self.replica_wait.covers(key)
 
     def _queued(self, op: Op) -> _Queued:
-        """Check ``op``'s arguments and describe how it is pipelined."""
+        """Check ``op``'s arguments; its command and how to read the raw reply."""
         name, args = op.name, op.args
         if name == "get":
             (key,) = args
-            return _Queued(lambda p: p.get(key), _same, True)
+            return _Queued(("GET", key), _same, True)
         if name == "mget":
-            keys = list(args[0])
-            return _Queued(lambda p: p.mget(keys), _same, True)
+            return _Queued(("MGET", *args[0]), _same, True)
         if name == "set":
             key, value, ttl_ms = _pad(args, 3)
             ttl_ms = validate_ttl(ttl_ms)
             value = validate_value(value, self.max_value_bytes)
-            return _Queued(lambda p: p.set(key, value, px=ttl_ms), lambda _: None, True)
+            return _Queued(("SET", key, value, *_px(ttl_ms)), _nothing, True)
         if name == "mset":
             items, ttl_ms = _pad(args, 2)
             ttl_ms = validate_ttl(ttl_ms)
             checked = {k: validate_value(v, self.max_value_bytes) for k, v in items.items()}
-            keys = list(checked)
             if ttl_ms is None:
-                return _Queued(lambda p: p.mset(checked), lambda _: None, True)
-            values = [checked[k] for k in keys] + [ttl_ms]
-            return _Queued(lambda p: p.eval(_MSET_WITH_TTL, len(keys), *keys, *values), lambda _: None, True)
+                return _Queued(("MSET", *(part for item in checked.items() for part in item)), _nothing, True)
+            return _Queued(("EVAL", _MSET_WITH_TTL, len(checked), *checked, *checked.values(), ttl_ms),
+                           _nothing, True)
         if name == "delete":
-            keys = list(args)
-            return _Queued(lambda p: p.delete(*keys), _same, True)
+            return _Queued(("DEL", *args), _same, True)
         if name == "set_if_absent":
             key, value, ttl_ms = _pad(args, 3)
             ttl_ms = validate_ttl(ttl_ms)
             value = validate_value(value, self.max_value_bytes)
-            return _Queued(lambda p: p.set(key, value, nx=True, px=ttl_ms), bool, False)
+            return _Queued(("SET", key, value, "NX", *_px(ttl_ms)), _is_ok, False)
         if name == "compare_and_set":
             key, expected, value, ttl_ms = _pad(args, 4)
             ttl_ms = validate_ttl(ttl_ms)
             value = validate_value(value, self.max_value_bytes)
             argv = ["0" if expected is None else "1", expected or "", value, _ttl_arg(ttl_ms)]
-            return _Queued(lambda p: p.eval(_COMPARE_AND_SET, 1, key, *argv), lambda r: r == 1, False)
+            return _Queued(("EVAL", _COMPARE_AND_SET, 1, key, *argv), _is_one, False)
         if name == "compare_and_delete":
             key, expected = args
             expected = validate_value(expected, self.max_value_bytes)
-            return _Queued(lambda p: p.eval(_DELETE_IF_EQUAL, 1, key, expected), lambda r: r == 1, False)
+            return _Queued(("EVAL", _DELETE_IF_EQUAL, 1, key, expected), _is_one, False)
         if name == "incr":
             key, amount, ttl_ms = _pad(args, 3)
             ttl_ms = validate_ttl(ttl_ms)
             amount = _check_amount(1 if amount is None else amount)
             if ttl_ms is None:
-                return _Queued(lambda p: p.incrby(key, amount), int, False)
-            return _Queued(lambda p: p.eval(_INCR_WITH_TTL, 1, key, amount, ttl_ms), int, False)
+                return _Queued(("INCRBY", key, amount), int, False)
+            return _Queued(("EVAL", _INCR_WITH_TTL, 1, key, amount, ttl_ms), int, False)
         if name == "ttl_ms":
             (key,) = args
-            return _Queued(lambda p: p.pttl(key), lambda r: None if r < 0 else max(1, r), True)
+            return _Queued(("PTTL", key), lambda r: None if r < 0 else max(1, r), True)
         if name == "index_add":
             key, members = args
-            scores = {str(m): float(s) for m, s in members.items()}
-            return _Queued(lambda p: p.zadd(key, scores) if scores else p.exists(key), lambda _: None, True)
+            pairs = [part for m, s in members.items() for part in (repr(float(s)), str(m))]
+            return _Queued(("ZADD", key, *pairs) if pairs else ("EXISTS", key), _nothing, True)
         if name == "index_remove":
             key, members = args
             names = [str(m) for m in members]
-            return _Queued(lambda p: p.zrem(key, *names) if names else p.exists(key),
-                           lambda r: r if names else 0, True)
+            return _Queued(("ZREM", key, *names) if names else ("EXISTS", key),
+                           _same if names else lambda _: 0, True)
         if name == "index_count":
             (key,) = args
-            return _Queued(lambda p: p.zcard(key), int, True)
+            return _Queued(("ZCARD", key), int, True)
         if name == "index_range":
             key, limit, newest_first, min_score, max_score = _pad(args, 5)
             limit = validate_limit(limit)
             newest_first = True if newest_first is None else newest_first
-            lo = "-inf" if min_score is None else float(min_score)
-            hi = "+inf" if max_score is None else float(max_score)
-            start, num = (None, None) if limit is None else (0, limit)
-
-            def range_(p: Any) -> Any:
-                if newest_first:
-                    return p.zrevrangebyscore(key, hi, lo, start=start, num=num, withscores=True)
-                return p.zrangebyscore(key, lo, hi, start=start, num=num, withscores=True)
-
-            return _Queued(range_, lambda r: [] if limit == 0 else [(m, float(s)) for m, s in r], True)
+            lo = "-inf" if min_score is None else repr(float(min_score))
+            hi = "+inf" if max_score is None else repr(float(max_score))
+            bounds = (hi, lo) if newest_first else (lo, hi)
+            window = () if limit is None else ("LIMIT", 0, limit)
+            command = ("ZREVRANGEBYSCORE" if newest_first else "ZRANGEBYSCORE", key, *bounds, "WITHSCORES", *window)
+            return _Queued(command, lambda r: [] if limit == 0 else _score_pairs(r), True)
         if name == "index_trim":
             key, max_size = args
             max_size = _check_max_size(max_size)
-            return _Queued(lambda p: p.eval(_INDEX_TRIM, 1, key, max_size), list, False)
+            return _Queued(("EVAL", _INDEX_TRIM, 1, key, max_size), list, False)
         if name == "index_add_capped":
             key, members, max_size, record_prefix = args
             max_size = _check_max_size(max_size)
             argv: list[Any] = [max_size, record_prefix]
             for member, score in members.items():
                 argv += [str(member), repr(float(score))]
-            return _Queued(lambda p: p.eval(_INDEX_ADD_CAPPED, 1, key, *argv),
-                           lambda r: (list(r[0]), list(r[1])), True)
+            return _Queued(("EVAL", _INDEX_ADD_CAPPED, 1, key, *argv), lambda r: (list(r[0]), list(r[1])), True)
         if name == "guarded_reserve":
             guard, key, value, ttl_ms = _pad(args, 4)
             ttl_ms = validate_ttl(ttl_ms)
             counter_ttl = validate_ttl(guard.ttl_ms)
             value = validate_value(value, self.max_value_bytes)
             argv = [_check_amount(guard.amount), _ttl_arg(counter_ttl), guard.limit, value, _ttl_arg(ttl_ms)]
-            return _Queued(lambda p: p.eval(_GUARDED_RESERVE, 2, guard.key, key, *argv),
+            return _Queued(("EVAL", _GUARDED_RESERVE, 2, guard.key, key, *argv),
                            lambda r: (int(r[0]), r[1] == 1), False)
         raise ValueError(f"{name} cannot be pipelined")  # not in PIPELINE_OPS
 

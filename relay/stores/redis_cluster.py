@@ -31,6 +31,7 @@ from redis.exceptions import ClusterError, RedisClusterException, SlotNotCovered
 from relay.stores.base import Op, Store, StoreUnavailable
 from relay.stores.redis import ClientFactory, RedisStore
 from relay.stores.redis_connect import node_client_for
+from relay.stores.redis_pipeline import ConnectionPipeline
 
 T = TypeVar("T")
 #: Answers meaning the slot map moved or the cluster is (re)electing: refresh, then an outage.
@@ -68,9 +69,9 @@ class RedisClusterStore(RedisStore):
     def _on_connect(self, connection: Any) -> None:
         """Nothing beyond redis-py's cluster handshake (it ran already): see the module docstring."""
 
-    def _pipeline(self, b: Any, ops: Sequence[Op]) -> Any:
+    def _pipeline(self, b: Any, ops: Sequence[Op]) -> ConnectionPipeline:
         """A pipeline on the node serving the (single) slot of ``ops``."""
-        return node_client_for(b.client, ops[0].keys()[0]).pipeline(transaction=False)
+        return ConnectionPipeline(node_client_for(b.client, ops[0].keys()[0]).connection_pool)
 
     def parser_name(self) -> str:
         client = self._client()

@@ -1,0 +1,95 @@
+"""``ConnectionPipeline`` on a real redis-server: one round trip, replies in order, error replies
+in place, and a connection that never goes back to the pool out of step with the server."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from relay.stores.base import Op
+from relay.stores.redis import RedisStore
+from relay.stores.redis_pipeline import ConnectionPipeline
+from tests.support.redisproc import RedisServer
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=0.2)
+    yield client
+    client.close()
+
+
+def _pool_idle(client: redis.Redis) -> int:
+    return len(client.connection_pool._available_connections)
+
+
+def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.ping()  # the connection's handshake is done before counting
+    writes = []
+    send = redis.Connection.send_packed_command
+    monkeypatch.setattr(redis.Connection, "send_packed_command",
+                        lambda self, command, **kw: writes.append(command) or send(self, command, **kw))
+    pipe = ConnectionPipeline(client.connection_pool)
+    pipe.execute_command("SET", "a", "1")
+    pipe.execute_command("INCRBY", "a", 2)
+    pipe.execute_command("GET", "a")
+    pipe.execute_command("GET", "missing")
+    assert pipe.execute() == ["OK", 3, "3", None]
+    assert len(writes) == 1
+    assert pipe.execute() == []
+    assert len(writes) == 1
+    assert client.connection_pool._created_connections == 1 and _pool_idle(client) == 1
+
+
+def test_an_error_reply_stays_in_its_place_and_the_connection_stays_in_step(client: redis.Redis) -> None:
+    client.set("text", "not a number")
+    pipe = ConnectionPipeline(client.connection_pool)
+    pipe.execute_command("INCRBY", "text", 1)
+    pipe.execute_command("SET", "b", "2")
+    with pytest.raises(redis.ResponseError):
+        pipe.execute()
+    pipe.execute_command("INCRBY", "text", 1)
+    pipe.execute_command("GET", "b")
+    first, second = pipe.execute(raise_on_error=False)
+    assert isinstance(first, redis.ResponseError) and second == "2"
+    assert client.get("b") == "2"
+
+
+def test_a_timeout_disconnects_the_connection_before_it_returns_to_the_pool(
+    client: redis.Redis, redis_server: RedisServer
+) -> None:
+    client.set("k", "v")
+    pipe = ConnectionPipeline(client.connection_pool)
+    redis_server.pause()
+    try:
+        pipe.execute_command("GET", "k")
+        with pytest.raises(redis.TimeoutError):
+            pipe.execute()
+    finally:
+        redis_server.resume()
+    (connection,) = client.connection_pool._available_connections
+    assert connection._sock is None
+    pipe.execute_command("SET", "k", "w")
+    pipe.execute_command("GET", "k")
+    assert pipe.execute() == ["OK", "w"]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_store_results_do_not_depend_on_the_protocol(redis_server: RedisServer, protocol: int) -> None:
+    store = RedisStore(lambda: redis.Redis.from_url(redis_server.url, decode_responses=True, protocol=protocol),
+                       breaker=None)
+    try:
+        store.index_add("i", {"a": 1, "b": 2.5})
+        results = store.execute([
+            Op("index_range", ("i", 10)),
+            Op("index_range", ("i", 1, False)),
+            Op("set_if_absent", ("k", "v", 60_000)),
+            Op("set_if_absent", ("k", "v")),
+            Op("compare_and_set", ("k", "v", "w")),
+            Op("incr", ("n", 2, 60_000)),
+            Op("index_add_capped", ("i", {"c": 3}, 2, "rec:")),
+        ])
+    finally:
+        store.close()
+    assert results == [[("b", 2.5), ("a", 1.0)], [("a", 1.0)], True, False, True, 2, ["a"]]
