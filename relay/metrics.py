@@ -287,13 +287,13 @@ class RollingWindow:
             return None
         return bucket
 
-    def calls(self, calls: Iterable[tuple[str, str, float, float]]) -> None:
-        """Count ``(backend, outcome, seconds, at)`` calls under one lock."""
+    def calls(self, second: int, calls: Iterable[tuple[str, str, float]]) -> None:
+        """Count ``(backend, outcome, seconds)`` calls in ``second`` under one lock."""
         with self._lock:
-            for backend, outcome, seconds, at in calls:
-                bucket = self._bucket_at(int(at))
-                if bucket is None:
-                    continue
+            bucket = self._bucket_at(second)
+            if bucket is None:
+                return
+            for backend, outcome, seconds in calls:
                 per_backend = bucket.calls.get(backend)
                 if per_backend is None:
                     per_backend = bucket.calls[backend] = _Calls()
@@ -421,61 +421,68 @@ class StoreMetrics:
         #: Latency histogram children by label values: ``labels()`` is a locked lookup per call.
         self._latency_children: dict[tuple[str, str, str, str], Any] = {}
         #: Calls reported since the last ``fold``; ``deque.append`` needs no lock.
-        self._pending: deque[tuple[str, str, str, str, float, float]] = deque()
+        self._pending: deque[tuple[str, str, str, str, float]] = deque()
         #: Counter increments (instrument name, label values) waiting for the next ``fold``.
         self._counts: deque[tuple[str, tuple[str, ...]]] = deque()
         self._fold_lock = threading.Lock()
-        self._folded_at = clock()
         self._folder: Optional[threading.Thread] = None
         self._stop_folding = threading.Event()
 
     # -- StoreObserver ------------------------------------------------------------------------------
     def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        """Queue the call, and its error or timeout, for the next ``fold``."""
-        at = self._clock()
-        self._pending.append((domain, backend, op, outcome, seconds, at))
-        if outcome == TIMEOUT:
-            self._counts.append(("timeouts", (backend, domain, op)))
-        elif outcome in (ERROR, REJECTED):
-            self._counts.append(("errors", (backend, domain, op, outcome)))
-        if len(self._pending) >= FOLD_BATCH or at - self._folded_at >= FOLD_INTERVAL_S:
+        """Queue the call for the next ``fold``: the only work done per call."""
+        pending = self._pending
+        pending.append((domain, backend, op, outcome, seconds))
+        if len(pending) >= FOLD_BATCH:
             self.fold()
 
     def fold(self) -> None:
-        """Add the queued calls to the latency histogram and the rolling windows, and the queued
-        errors, timeouts, fallbacks and mirror failures to their counters.
+        """Add the queued calls to the latency histogram, the error and timeout counters and the
+        rolling windows, and the queued fallbacks and mirror failures to their counters.
 
         In multiprocess mode each ``Histogram.observe`` takes prometheus_client's process-wide lock,
         calls ``getpid`` and writes the metrics file twice; at some 25 store calls per callback that
         was a third of the relay's Python time under load. Folded, a batch costs one increment per
         bucket touched per label set. Reads (``domain_summary``, ``exposition``) fold first, calls
-        fold every ``FOLD_BATCH`` calls or ``FOLD_INTERVAL_S``, and ``start`` folds in the
-        background so an idle worker's last calls reach the files too.
+        fold every ``FOLD_BATCH`` calls, and ``start`` folds every ``FOLD_INTERVAL_S`` in the
+        background; the rolling window counts a batch in the second it is folded.
         """
         with self._fold_lock:
-            self._folded_at = self._clock()
             self._fold_calls(_drain(self._pending))
             increments = CountOf(_drain(self._counts))
             for (instrument, labels), count in increments.items():
                 getattr(self._i, instrument).labels(*labels).inc(count)
         self.sync()
 
-    def _fold_calls(self, calls: list[tuple[str, str, str, str, float, float]]) -> None:
-        """Per label set, bucket counts and the sum for the histogram; per domain, the window's calls."""
+    def _fold_calls(self, calls: list[tuple[str, str, str, str, float]]) -> None:
+        """Per label set, bucket counts and the sum for the histogram, and the errors and timeouts;
+        per domain, the window's calls."""
+        if not calls:
+            return
         histograms: dict[tuple[str, str, str, str], list[float]] = {}
-        windows: dict[str, list[tuple[str, str, float, float]]] = {}
-        for domain, backend, op, outcome, seconds, at in calls:
+        windows: dict[str, list[tuple[str, str, float]]] = {}
+        for domain, backend, op, outcome, seconds in calls:
             labels = (backend, domain, op, outcome)
             buckets = histograms.get(labels)
             if buckets is None:
                 buckets = histograms[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
             buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             buckets[-1] += seconds
-            windows.setdefault(domain, []).append((backend, outcome, seconds, at))
+            window = windows.get(domain)
+            if window is None:
+                window = windows[domain] = []
+            window.append((backend, outcome, seconds))
         for labels, buckets in histograms.items():
             _add_observations(self._latency_child(labels), buckets[:-1], buckets[-1])
+            backend, domain, op, outcome = labels
+            calls_in_set = sum(buckets[:-1])
+            if outcome == TIMEOUT:
+                self._i.timeouts.labels(backend, domain, op).inc(calls_in_set)
+            elif outcome in (ERROR, REJECTED):
+                self._i.errors.labels(backend, domain, op, outcome).inc(calls_in_set)
+        second = int(self._clock())
         for domain, window_calls in windows.items():
-            self._window(domain).calls(window_calls)
+            self._window(domain).calls(second, window_calls)
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
         """Fold every ``interval_s`` in a daemon thread, until ``stop``."""

@@ -1,0 +1,42 @@
+"""RoutingStats: per-process counts for ``/ops/store``, queued per call and counted on read."""
+from __future__ import annotations
+
+from middleware.observer import ERROR, OK, TIMEOUT
+from middleware.stats import FOLD_BATCH, RoutingStats
+from tests.support.helpers import race
+
+
+def test_calls_are_counted_by_backend_and_outcome_when_read() -> None:
+    stats = RoutingStats()
+    stats.operation("audit", "redis", "get", OK, 0.001)
+    stats.operation("audit", "redis", "set", TIMEOUT, 0.25)
+    stats.operation("audit", "memory", "set", OK, 0.0001)
+    stats.operation("locale", "redis", "get", ERROR, 0.001)
+
+    audit = stats.snapshot("audit")
+
+    assert audit["operations"] == {"redis": {OK: 1, TIMEOUT: 1}, "memory": {OK: 1}}
+    assert (audit["ok"], audit["timeouts"], audit["errors"]) == (2, 1, 0)
+    assert stats.snapshot("locale")["errors"] == 1
+
+
+def test_a_full_queue_is_counted_without_a_read() -> None:
+    stats = RoutingStats()
+    for _ in range(FOLD_BATCH):
+        stats.operation("audit", "memory", "get", OK, 0.0001)
+    assert not stats._calls
+    stats.operation("audit", "memory", "get", OK, 0.0001)
+    assert len(stats._calls) == 1
+    assert stats.snapshot("audit")["ok"] == FOLD_BATCH + 1
+
+
+def test_no_call_is_lost_between_threads() -> None:
+    stats = RoutingStats()
+    per_thread = 3 * FOLD_BATCH + 7
+
+    def report(_: int) -> None:
+        for _ in range(per_thread):
+            stats.operation("inflight", "memory", "get", OK, 0.0001)
+
+    race(8, report)
+    assert stats.snapshot("inflight")["ok"] == 8 * per_thread
