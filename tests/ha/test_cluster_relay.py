@@ -97,6 +97,7 @@ def test_domains_spread_over_the_primaries_and_listings_see_them_all(
     a, b = pair
     with ClusterAgent("box-c3", [a.agent_url]) as agent:
         assert agent.wait_connected()
+        assert wait_for(lambda: all("box-c3" in machine_ids(relay) for relay in (a, b)))
         acks = [callback((a, b)[n % 2], f"@dev spread {n}", "box-c3", "spread", msg_id=f"spread-{n}").json()
                 for n in range(30)]
         assert [ack["status"] for ack in acks] == ["sent_to_agent"] * 30
