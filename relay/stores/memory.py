@@ -86,7 +86,7 @@ class MemoryStore(Store):
     ) -> None:
         super().__init__(max_value_bytes)
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._data: dict[str, Value] = {}
         self._expires: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []
