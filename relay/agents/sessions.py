@@ -20,7 +20,8 @@ from contextvars import ContextVar
 from typing import Any, Optional, Union
 
 from simple_websocket import ConnectionClosed, Server
-from wsproto.events import Ping, TextMessage
+from wsproto.connection import ConnectionState
+from wsproto.events import Ping
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
@@ -35,6 +36,9 @@ _holding: ContextVar[Optional[dict[str, "AgentSession"]]] = ContextVar("agent_fr
 MAX_BUFFERED_FRAMES = 32
 #: RFC 6455: the reason in a close frame is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON_BYTES = 123
+#: A server frame's first two bytes, then a 16-bit or 64-bit payload length (RFC 6455, 5.2).
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
 
 Message = Union[str, bytes]
 
@@ -176,15 +180,13 @@ class AgentSession:
     def send_json(self, frame: dict[str, Any]) -> bool:
         """Send ``frame`` as one JSON text frame; ``False`` if the socket is closed/closing or the
         write failed (a failed write aborts the socket: the stream may hold half a frame)."""
-        text = _to_json(frame)
+        data = _text_frame(_json_payload(frame))
         with self._sock.lock:
-            if self.closed:
+            if not self._open():
                 return False
             try:
-                self._server.send(text)
+                self._sock.send(data)
                 return True
-            except (ConnectionClosed, LocalProtocolError):
-                return False
             except OSError as exc:
                 error = exc
         return self._write_failed(error)
@@ -196,16 +198,17 @@ class AgentSession:
         held = _holding.get()
         if held is None:
             return self.send_json(frame)
-        text = _to_json(frame)
+        data = _text_frame(_json_payload(frame))
         with self._sock.lock:
-            if self.closed or not self._server.connected:
+            if not self._open():
                 return False
-            try:
-                self._sock.hold(self._server.ws.send(TextMessage(data=text)))
-            except LocalProtocolError:
-                return False
+            self._sock.hold(data)
         held[self.session_id] = self
         return True
+
+    def _open(self) -> bool:
+        """Frames may be sent: neither side has closed or begun closing (the caller holds the lock)."""
+        return not self.closed and self._server.ws.state is ConnectionState.OPEN
 
     def flush_held(self) -> bool:
         """Write the frames ``hold_json`` kept; ``False`` (and the socket aborted) if that fails."""
@@ -289,15 +292,29 @@ class AgentSession:
             reader.join(1.0)
 
 
-def _to_json(frame: dict[str, Any]) -> str:
-    """Compact JSON with non-ASCII kept, like ``JSON.stringify``. Lone surrogates (an agent may send
-    ``"\\ud800"``, and traces echo agent text) cannot be UTF-8 encoded, so such a frame is escaped."""
-    text = compact(frame)
+def _json_payload(frame: dict[str, Any]) -> bytes:
+    """Compact JSON in UTF-8 with non-ASCII kept, like ``JSON.stringify``. Lone surrogates (an agent
+    may send ``"\\ud800"``, and traces echo agent text) cannot be UTF-8 encoded, so such a frame is
+    escaped."""
     try:
-        text.encode("utf-8")
+        return compact(frame).encode("utf-8")
     except UnicodeEncodeError:
-        return compact_ascii(frame)
-    return text
+        return compact_ascii(frame).encode("ascii")
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """``payload`` as one unfragmented, unmasked text frame, as a server sends it (RFC 6455, 5.2).
+
+    wsproto builds the same bytes (``tests/agents/test_sessions.py`` compares them) in some twenty
+    times the time, and a callback sends several frames. No extension is ever in force: the
+    handshake drops the client's offer (``AgentChannel._accept``).
+    """
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return _HEADER_16.pack(0x81, 126, size) + payload
+    return _HEADER_64.pack(0x81, 127, size) + payload
 
 
 def _clip_reason(reason: str) -> Optional[str]:

@@ -16,7 +16,7 @@ from simple_websocket import ConnectionClosed, Server
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
 
-from relay.agents.sessions import MAX_BUFFERED_FRAMES, AgentSession, SessionRegistry, TrackedSocket
+from relay.agents.sessions import MAX_BUFFERED_FRAMES, AgentSession, SessionRegistry, TrackedSocket, _text_frame
 from tests.support.helpers import race
 from tests.support.live_relay import PROJECT_ROOT
 
@@ -127,6 +127,23 @@ def test_send_json_escapes_lone_surrogates_instead_of_failing(pair: tuple[AgentS
     assert session.send_json(frame) is True
 
     assert [json.loads(t) for t in agent.texts(1)] == [frame]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_frames_of_every_length_class_are_wsprotos_own_bytes_and_arrive_whole(
+    pair: tuple[AgentSession, AgentEnd, Server], size: int
+) -> None:
+    session, agent, server = pair
+    frame = {"type": "relay.trace", "trace": {"detail": "x" * size}}
+    text = json.dumps(frame, separators=(",", ":"))
+    reference = WSConnection(ConnectionType.SERVER)
+    reference.receive_data(WSConnection(ConnectionType.CLIENT).send(Request(host="relay", target="/agent")))
+    list(reference.events())
+    reference.send(AcceptConnection())
+
+    assert _text_frame(text.encode()) == reference.send(TextMessage(data=text))
+    assert session.send_json(frame) is True
+    assert agent.texts(1) == [text]
 
 
 def test_close_is_idempotent_and_later_sends_return_false(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
