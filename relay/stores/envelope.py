@@ -126,18 +126,25 @@ def quick_check(schema: marshmallow.Schema) -> Optional[Check]:
     validators, renamed fields); a ``False`` answer means "ask marshmallow", never "invalid"."""
     if schema._hooks and any(schema._hooks.values()):
         return None
+    #: Fields that must hold exactly one type (most of them) are compared inline; the rest are checked
+    #: by a function each.
+    exact: dict[str, type] = {}
     checks: dict[str, Check] = {}
     required = []
     for name, field_ in schema.fields.items():
         if field_.data_key not in (None, name) or field_.attribute not in (None, name):
             return None
+        if field_.required:
+            required.append(name)
+        expected = _exact_type(field_)
+        if expected is not None:
+            exact[name] = expected
+            continue
         check = _field_check(field_)
         if check is None:
             return None
         checks[name] = check
-        if field_.required:
-            required.append(name)
-    allowed = frozenset(checks)
+    allowed = frozenset(exact) | frozenset(checks)
 
     def valid(data: Any) -> bool:
         if type(data) is not dict or not allowed.issuperset(data):
@@ -146,11 +153,26 @@ def quick_check(schema: marshmallow.Schema) -> Optional[Check]:
             if name not in data:
                 return False
         for name, value in data.items():
-            if not checks[name](value):
+            expected = exact.get(name)
+            if expected is None:
+                if not checks[name](value):
+                    return False
+            elif type(value) is not expected:
                 return False
         return True
 
     return valid
+
+
+def _exact_type(field_: mfields.Field) -> Optional[type]:
+    """The one type every valid value of a plain ``String`` or ``Integer`` field has."""
+    if field_.allow_none or field_.validators:
+        return None
+    if type(field_) is mfields.String:
+        return str
+    if type(field_) is mfields.Integer and not field_.strict:
+        return int
+    return None
 
 
 def _field_check(field_: mfields.Field) -> Optional[Check]:
