@@ -62,12 +62,17 @@ class KeySpace:
                 )
         self.app = app
         self.env = env
+        #: Prefixes built so far: a callback builds some twenty keys.
+        self._prefixes: dict[tuple[str, bool], str] = {}
 
     def prefix(self, domain: str, colocated: bool = False) -> str:
-        if not _SEGMENT.match(domain):
-            raise ValueError(f"invalid domain name {domain!r}")
-        segment = "{" + domain + "}" if colocated else domain
-        return f"{self.app}:{self.env}:{segment}:"
+        prefix = self._prefixes.get((domain, colocated))
+        if prefix is None:
+            if not _SEGMENT.match(domain):
+                raise ValueError(f"invalid domain name {domain!r}")
+            segment = "{" + domain + "}" if colocated else domain
+            prefix = self._prefixes[(domain, colocated)] = f"{self.app}:{self.env}:{segment}:"
+        return prefix
 
     def key(self, domain: str, id_: str, colocated: bool = False) -> str:
         return self.prefix(domain, colocated) + escape_id(id_)
