@@ -77,7 +77,7 @@ from relay.stores.base import (
 )
 from relay.stores.keys import LUA_ESCAPE_ID, escape_id
 from relay.stores.redis_connect import ClientOptions, connect, is_cluster
-from relay.stores.redis_pipeline import ConnectionPipeline
+from relay.stores.redis_pipeline import ConnectionPipeline, Connections
 from relay.stores.replication import ReplicaWait
 
 log = logging.getLogger("relay.stores")
@@ -225,6 +225,8 @@ class _Bound:
 
     pid: int
     client: redis.Redis
+    #: Connections for pipelines (``None`` for a Redis Cluster client, which has one pool per node).
+    connections: Optional[Connections]
     compare_and_set: Script
     incr_with_ttl: Script
     mset_with_ttl: Script
@@ -451,6 +453,7 @@ class RedisStore(Store):
         return _Bound(
             pid=pid,
             client=client,
+            connections=None if is_cluster(client) else Connections(client.connection_pool),
             compare_and_set=client.register_script(_COMPARE_AND_SET),
             incr_with_ttl=client.register_script(_INCR_WITH_TTL),
             mset_with_ttl=client.register_script(_MSET_WITH_TTL),
@@ -698,7 +701,8 @@ class RedisStore(Store):
 
     def _pipeline(self, b: _Bound, ops: Sequence[Op]) -> ConnectionPipeline:
         """A pipeline (one connection, no ``MULTI``) for ``ops``."""
-        return ConnectionPipeline(b.client.connection_pool)
+        assert b.connections is not None
+        return ConnectionPipeline(b.connections)
 
     def _waits_for(self, key: str) -> bool:
         return self.replica_wait is not None and self.replica_wait.covers(key)

@@ -31,7 +31,7 @@ from redis.exceptions import ClusterError, RedisClusterException, SlotNotCovered
 from relay.stores.base import Op, Store, StoreUnavailable
 from relay.stores.redis import ClientFactory, RedisStore
 from relay.stores.redis_connect import node_client_for
-from relay.stores.redis_pipeline import ConnectionPipeline
+from relay.stores.redis_pipeline import ConnectionPipeline, Connections
 
 T = TypeVar("T")
 #: Answers meaning the slot map moved or the cluster is (re)electing: refresh, then an outage.
@@ -71,7 +71,8 @@ class RedisClusterStore(RedisStore):
 
     def _pipeline(self, b: Any, ops: Sequence[Op]) -> ConnectionPipeline:
         """A pipeline on the node serving the (single) slot of ``ops``."""
-        return ConnectionPipeline(node_client_for(b.client, ops[0].keys()[0]).connection_pool)
+        node = node_client_for(b.client, ops[0].keys()[0])
+        return ConnectionPipeline(Connections(node.connection_pool, keep=False))
 
     def parser_name(self) -> str:
         client = self._client()

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional, Union
 
 import redis
@@ -63,10 +64,17 @@ class ReadinessParser(_HiredisParser):
 
 def _readable_now(sock: Any) -> bool:
     """``sock`` has bytes (or EOF) to read, asked of the OS without waiting."""
-    monkey = sys.modules.get("gevent.monkey")
-    poller = (monkey.get_original("select", "poll") if monkey is not None else select.poll)()
+    poller = _os_poll()()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+@lru_cache(maxsize=None)
+def _os_poll() -> Callable[[], Any]:
+    """The operating system's ``select.poll``, also once gevent has patched ``select``. Asked on first
+    use: gunicorn's gevent worker patches before it loads the application."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey.get_original("select", "poll") if monkey is not None else select.poll
 
 
 @dataclass(frozen=True)

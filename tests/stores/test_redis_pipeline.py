@@ -9,7 +9,7 @@ import redis
 
 from relay.stores.base import Op
 from relay.stores.redis import RedisStore
-from relay.stores.redis_pipeline import ConnectionPipeline
+from relay.stores.redis_pipeline import ConnectionPipeline, Connections
 from tests.support.redisproc import RedisServer
 
 
@@ -20,8 +20,8 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _pool_idle(client: redis.Redis) -> int:
-    return len(client.connection_pool._available_connections)
+def _checked_out(client: redis.Redis) -> int:
+    return len(client.connection_pool._in_use_connections)
 
 
 def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,7 +30,7 @@ def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeyp
     send = redis.Connection.send_packed_command
     monkeypatch.setattr(redis.Connection, "send_packed_command",
                         lambda self, command, **kw: writes.append(command) or send(self, command, **kw))
-    pipe = ConnectionPipeline(client.connection_pool)
+    pipe = ConnectionPipeline(Connections(client.connection_pool))
     pipe.execute_command("SET", "a", "1")
     pipe.execute_command("INCRBY", "a", 2)
     pipe.execute_command("GET", "a")
@@ -39,12 +39,12 @@ def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeyp
     assert len(writes) == 1
     assert pipe.execute() == []
     assert len(writes) == 1
-    assert client.connection_pool._created_connections == 1 and _pool_idle(client) == 1
+    assert client.connection_pool._created_connections == 1 and _checked_out(client) == 1
 
 
 def test_an_error_reply_stays_in_its_place_and_the_connection_stays_in_step(client: redis.Redis) -> None:
     client.set("text", "not a number")
-    pipe = ConnectionPipeline(client.connection_pool)
+    pipe = ConnectionPipeline(Connections(client.connection_pool))
     pipe.execute_command("INCRBY", "text", 1)
     pipe.execute_command("SET", "b", "2")
     with pytest.raises(redis.ResponseError):
@@ -60,7 +60,7 @@ def test_a_timeout_disconnects_the_connection_before_it_returns_to_the_pool(
     client: redis.Redis, redis_server: RedisServer
 ) -> None:
     client.set("k", "v")
-    pipe = ConnectionPipeline(client.connection_pool)
+    pipe = ConnectionPipeline(Connections(client.connection_pool))
     redis_server.pause()
     try:
         pipe.execute_command("GET", "k")
@@ -68,7 +68,7 @@ def test_a_timeout_disconnects_the_connection_before_it_returns_to_the_pool(
             pipe.execute()
     finally:
         redis_server.resume()
-    (connection,) = client.connection_pool._available_connections
+    (connection,) = client.connection_pool._in_use_connections
     assert connection._sock is None
     pipe.execute_command("SET", "k", "w")
     pipe.execute_command("GET", "k")
@@ -93,3 +93,52 @@ def test_store_results_do_not_depend_on_the_protocol(redis_server: RedisServer, 
     finally:
         store.close()
     assert results == [[("b", 2.5), ("a", 1.0)], [("a", 1.0)], True, False, True, 2, ["a"]]
+
+
+def test_a_kept_connection_serves_round_trip_after_round_trip_and_closes_with_the_client(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connections = Connections(client.connection_pool)
+    pipe = ConnectionPipeline(connections)
+    pipe.execute_command("PING")
+    assert pipe.execute() == ["PONG"]
+    checkouts = []
+    monkeypatch.setattr(client.connection_pool, "get_connection",
+                        lambda *a, **k: checkouts.append(1) or pytest.fail("checked out again"))
+    for n in range(5):
+        pipe.execute_command("SET", "n", n)
+        assert pipe.execute() == ["OK"]
+    assert checkouts == []
+    (connection,) = client.connection_pool._in_use_connections
+    client.close()
+    assert connection._sock is None
+
+
+def test_a_kept_connection_is_renewed_after_a_server_restart_without_a_failed_call(
+    client: redis.Redis, redis_server: RedisServer
+) -> None:
+    pipe = ConnectionPipeline(Connections(client.connection_pool))
+    pipe.execute_command("SET", "k", "1")
+    assert pipe.execute() == ["OK"]
+    redis_server.stop()
+    redis_server.start()
+    pipe.execute_command("SET", "k", "2")
+    assert pipe.execute() == ["OK"]
+
+
+def test_other_pools_get_every_connection_back(redis_server: RedisServer) -> None:
+    class OtherPool(redis.ConnectionPool):
+        pass
+
+    pool = OtherPool.from_url(redis_server.url, decode_responses=True)
+    pipe = ConnectionPipeline(Connections(pool))
+    pipe.execute_command("PING")
+    pipe.execute()
+    assert len(pool._available_connections) == 1 and not pool._in_use_connections
+    plain = redis.ConnectionPool.from_url(redis_server.url, decode_responses=True)
+    pipe = ConnectionPipeline(Connections(plain, keep=False))
+    pipe.execute_command("PING")
+    pipe.execute()
+    assert len(plain._available_connections) == 1 and not plain._in_use_connections
+    pool.disconnect()
+    plain.disconnect()
