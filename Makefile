@@ -8,7 +8,7 @@ RELAY_HOST ?= 0.0.0.0
 RELAY_PORT ?= 8787
 CLUSTER_REDIS_PORT ?= 6380
 
-.PHONY: run run-cluster test bench redis-server promtool chromium clean
+.PHONY: run run-cluster test bench redis-server promtool chromium valgrind clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,16 @@ chromium:
 	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
 	  else \
 	    echo "chromium is required by the test suite. Install it, e.g. 'sudo apt-get install chromium'." >&2; exit 1; \
+	  fi; }
+
+# `make bench` counts the relay's instructions per callback under callgrind (bench/instructions.py).
+valgrind:
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "valgrind missing: installing Debian's valgrind"; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
+	  else \
+	    echo "valgrind is not installed: make bench skips its instruction counts ('sudo apt-get install valgrind')."; \
 	  fi; }
 
 run: $(STAMP)
@@ -87,7 +97,7 @@ run-cluster: $(STAMP)
 test: $(STAMP) redis-server promtool chromium
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) redis-server
+bench: $(STAMP) redis-server valgrind
 	$(BIN)/python -m bench
 
 clean:

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from bench import audit, callbacks, store
+from bench import audit, callbacks, instructions, store
 
 Section = Callable[[], dict[str, Any]]
 
 SECTIONS: list[tuple[str, Section]] = [
     ("store", store.run),
     ("callbacks", callbacks.run),
+    ("instructions", instructions.run),
     ("audit", audit.run),
 ]
 

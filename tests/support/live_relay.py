@@ -128,12 +128,14 @@ def start_relay(
     env: Optional[Mapping[str, str]] = None,
     startup_timeout_s: float = 30.0,
     extra_args: tuple[str, ...] = (),
+    launcher: tuple[str, ...] = (),
 ) -> LiveRelay:
-    """Start gunicorn with ``app`` (a gunicorn app spec) and wait until ``/healthz`` answers 200."""
+    """Start gunicorn with ``app`` (a gunicorn app spec) and wait until ``/healthz`` answers 200.
+    ``launcher`` is a command gunicorn runs under (the instruction-count benchmark's valgrind)."""
     last_error: Optional[RelayStartError] = None
     for _attempt in range(3):
         try:
-            return _start_once(app, env or {}, startup_timeout_s, extra_args)
+            return _start_once(app, env or {}, startup_timeout_s, extra_args, launcher)
         except RelayStartError as exc:
             last_error = exc
             if "Address already in use" not in str(exc):
@@ -143,7 +145,8 @@ def start_relay(
 
 
 def _start_once(
-    app: str, env: Mapping[str, str], startup_timeout_s: float, extra_args: tuple[str, ...]
+    app: str, env: Mapping[str, str], startup_timeout_s: float, extra_args: tuple[str, ...],
+    launcher: tuple[str, ...] = (),
 ) -> LiveRelay:
     port = free_port()
     process_env = dict(os.environ)
@@ -155,7 +158,7 @@ def _start_once(
     )
     log_fd, log_name = tempfile.mkstemp(prefix="live-relay-", suffix=".log")
     log_path = Path(log_name)
-    command = [*_gunicorn_command(), "--config", "config/gunicorn.py", *extra_args, app]
+    command = [*launcher, *_gunicorn_command(), "--config", "config/gunicorn.py", *extra_args, app]
     with os.fdopen(log_fd, "wb") as log_file:
         process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT,
@@ -187,9 +190,11 @@ def live_relay(
     env: Optional[Mapping[str, str]] = None,
     startup_timeout_s: float = 30.0,
     extra_args: tuple[str, ...] = (),
+    launcher: tuple[str, ...] = (),
 ) -> Iterator[LiveRelay]:
     """``start_relay`` as a context manager: always stopped, log file removed afterwards."""
-    relay = start_relay(app, env=env, startup_timeout_s=startup_timeout_s, extra_args=extra_args)
+    relay = start_relay(app, env=env, startup_timeout_s=startup_timeout_s, extra_args=extra_args,
+                        launcher=launcher)
     try:
         yield relay
     finally:

@@ -1,0 +1,96 @@
+"""Instructions per callback: the relay's worker under callgrind, a figure that does not move.
+
+CPU seconds per callback (``bench/callbacks.py``) move by up to 15 % between runs on a shared
+2-core VM, more than most single changes save. callgrind counts the instructions the worker
+executes instead, which repeat within about half a percent, so a change can be measured alone.
+
+Per mode (``memory`` and ``redis`` as in ``bench/callbacks.py``): the relay runs under
+``valgrind --tool=callgrind`` with ``bench/callgrind_app.py`` (the relay plus a dump trigger),
+20 answering agents attach, ``WARMUP`` callbacks warm it, then a dump marks the start, ``CALLBACKS``
+callbacks run two at a time (each answered and audited before the relay counts as idle), and a
+second dump marks the end. The second dump holds the instructions of the load and its results,
+divided by the callbacks answered. Skipped when valgrind is not installed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from bench import callbacks
+from tests.support.live_relay import live_relay
+from tests.support.redisproc import RedisServer
+
+MODES = ("memory", "redis")
+WARMUP = 100
+CALLBACKS = 300
+CONCURRENCY = 2
+DUMP_WAIT_S = 60.0
+
+
+def _totals(dump: Path) -> Optional[int]:
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    return None
+
+
+def _dump(trigger: Path, number: int, dumps: Path, pid: int) -> Path:
+    """Ask the worker for dump ``number`` and wait until callgrind has written it."""
+    trigger.write_text(str(number))
+    target = dumps / f"callgrind.{pid}.{number}"
+    deadline = time.monotonic() + DUMP_WAIT_S
+    while time.monotonic() < deadline:
+        if target.exists() and _totals(target) is not None:
+            return target
+        time.sleep(0.2)
+    raise RuntimeError(f"callgrind wrote no dump {number} for worker {pid}")
+
+
+def _run_mode(mode: str, server: RedisServer, workdir: Path) -> dict[str, Any]:
+    dumps = workdir / mode
+    dumps.mkdir()
+    trigger = dumps / "trigger"
+    trigger.write_text("0")
+    env = {**callbacks._env(mode, server, str(workdir)), "BENCH_CALLGRIND_TRIGGER": str(trigger),
+           "PYTHONHASHSEED": "0"}
+    launcher = ("valgrind", "--tool=callgrind", "-q", "--dump-before=getsid",
+                f"--callgrind-out-file={dumps}/callgrind.%p")
+    if mode != "memory":
+        server.client().flushall()
+    with live_relay("bench.callgrind_app:app", env=env, startup_timeout_s=300, launcher=launcher) as relay, \
+            callbacks._agents(relay, callbacks.MACHINES):
+        callbacks._load(relay, f"{mode}-warm", WARMUP, CONCURRENCY, 300.0)
+        callbacks._quiesce(relay, 120.0)
+        (worker,) = relay.worker_pids()
+        _dump(trigger, 1, dumps, worker)
+        load = callbacks._load(relay, mode, CALLBACKS, CONCURRENCY, 600.0)
+        callbacks._quiesce(relay, 120.0)
+        instructions = _totals(_dump(trigger, 2, dumps, worker)) or 0
+    return {"callbacks": load.ok, "errors": load.errors,
+            "instructions_per_callback": round(instructions / load.ok) if load.ok else None}
+
+
+def run() -> dict[str, Any]:
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: skipped (Debian: apt-get install valgrind)")
+        return {"skipped": "valgrind is not installed"}
+    modes: dict[str, dict[str, Any]] = {}
+    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-instructions-") as workdir:
+        for mode in MODES:
+            modes[mode] = _run_mode(mode, server, Path(workdir))
+    print(f"relay worker under callgrind, {CALLBACKS} callbacks {CONCURRENCY} at a time after {WARMUP} to warm up, "
+          f"results and audits included")
+    print(f"{'mode':<8}{'callbacks':>10}{'err':>5}{'instructions per callback':>28}")
+    for name, m in modes.items():
+        per = m["instructions_per_callback"]
+        print(f"{name:<8}{m['callbacks']:>10}{m['errors']:>5}{(per or 0) / 1e6:>26.3f} M")
+    return {"workload": {"callbacks": CALLBACKS, "concurrency": CONCURRENCY, "warmup": WARMUP,
+                         "machines": callbacks.MACHINES, "text": callbacks.TEXT}, "modes": modes}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
