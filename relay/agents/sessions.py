@@ -365,8 +365,8 @@ class SessionRegistry:
             return True
 
     def get(self, machine_id: str) -> Optional[AgentConnection]:
-        with self._lock:
-            return self._by_machine.get(machine_id)
+        # One dict lookup is atomic; the lock serialises the changes, which read and then write.
+        return self._by_machine.get(machine_id)
 
     def send(self, machine_id: str, frame: dict[str, Any], hold: bool = False) -> bool:
         """Send to the machine's socket; ``False`` if there is none or the send failed. With
