@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import secrets
 import time
 import uuid
@@ -183,8 +184,7 @@ def create_app(
     app = Flask("relay", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["relay"] = relay
-    _bind_stores_per_request(app, router)
-    _hold_agent_frames_per_request(app, sessions)
+    _scope_each_request(app, router, sessions)
     register_routes(app)
     register_agent_channel(
         app, sessions, agent_events,
@@ -216,37 +216,27 @@ def create_app(
     return app
 
 
-def _bind_stores_per_request(app: Flask, router: StoreRouter) -> None:
-    """One store snapshot per request, held until the request ends."""
+def _scope_each_request(app: Flask, router: StoreRouter, sessions: SessionRegistry) -> None:
+    """Each request binds one store snapshot and holds its agent frames until it ends: the trace
+    frames then go out with its command, or together at the end, before its deferred writes."""
 
     @app.before_request
-    def bind() -> None:
-        request_id.set(uuid.uuid4().hex[:16])
-        scope = router.bound()
+    def begin() -> None:
+        request_id.set(f"{random.getrandbits(64):016x}")
+        scope, frames = router.bound(), sessions.holding()
         scope.__enter__()
-        g.store_scope = scope
+        g.request_scopes = (scope, frames)
+        frames.__enter__()
 
     @app.teardown_request
-    def unbind(_exc: Optional[BaseException]) -> None:
-        scope = g.pop("store_scope", None)
-        if scope is not None:
-            scope.__exit__(None, None, None)
-
-
-def _hold_agent_frames_per_request(app: Flask, sessions: SessionRegistry) -> None:
-    """A request's trace frames go out with its command, or together when the request ends."""
-
-    @app.before_request
-    def hold() -> None:
-        block = sessions.holding()
-        block.__enter__()
-        g.agent_frames_held = block
-
-    @app.teardown_request
-    def release(_exc: Optional[BaseException]) -> None:
-        block = g.pop("agent_frames_held", None)
-        if block is not None:
-            block.__exit__(None, None, None)
+    def end(_exc: Optional[BaseException]) -> None:
+        scopes = g.pop("request_scopes", None)
+        if scopes is not None:
+            scope, frames = scopes
+            try:
+                frames.__exit__(None, None, None)
+            finally:
+                scope.__exit__(None, None, None)
 
 
 def _store_status(settings: Settings, router: StoreRouter) -> dict[str, Any]:
