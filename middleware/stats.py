@@ -16,8 +16,11 @@ from typing import Any, Optional
 
 from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver
 
-#: Calls queued before they are counted without a read.
+#: Events queued before they are counted without a read.
 FOLD_BATCH = 512
+#: Queue markers (in a backend's place) of a fallback and of a skipped mirror write.
+_FALLBACK = "<fallback>"
+_SKIPPED = "<skipped>"
 
 
 class _DomainCounts:
@@ -45,14 +48,16 @@ class _DomainCounts:
 class RoutingStats:
     """Counts what the routed stores report, per domain, for this process.
 
-    A backend call is only queued (``deque.append`` needs no lock): there are some 25 per callback.
-    The queue is counted when it reaches ``FOLD_BATCH`` calls and before every read.
+    A backend call or fallback is only queued (``deque.append`` needs no lock): there are some 20 per
+    callback. The queue is counted when it reaches ``FOLD_BATCH`` events and before every read.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._domains: dict[str, _DomainCounts] = {}
-        self._calls: deque[tuple[str, str, str]] = deque()
+        #: ``(domain, backend, outcome)`` of a call, ``(domain, FALLBACK, kind)`` of a fallback and
+        #: ``(domain, SKIPPED, "")`` of a skipped mirror write.
+        self._queue: deque[tuple[str, str, str]] = deque()
 
     def _counts(self, domain: str) -> _DomainCounts:
         counts = self._domains.get(domain)
@@ -62,33 +67,39 @@ class RoutingStats:
 
     # -- StoreObserver ----------------------------------------------------------------------------
     def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        calls = self._calls
-        calls.append((domain, backend, outcome))
-        if len(calls) >= FOLD_BATCH:
+        self._enqueue((domain, backend, outcome))
+
+    def fallback(self, domain: str, op: str, kind: str) -> None:
+        """Queued like a call: during an outage every store call falls back."""
+        self._enqueue((domain, _FALLBACK, kind))
+
+    def secondary_skipped(self, domain: str, op: str) -> None:
+        """Queued: during an outage every mirrored write is skipped."""
+        self._enqueue((domain, _SKIPPED, ""))
+
+    def _enqueue(self, event: tuple[str, str, str]) -> None:
+        queue = self._queue
+        queue.append(event)
+        if len(queue) >= FOLD_BATCH:
             self._fold()
 
     def _fold(self) -> None:
         with self._lock:
             try:
                 while True:
-                    domain, backend, outcome = self._calls.popleft()
-                    outcomes = self._counts(domain).operations.setdefault(backend, {})
-                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    domain, backend, outcome = self._queue.popleft()
+                    counts = self._counts(domain)
+                    if backend is _SKIPPED:
+                        counts.secondary_skipped += 1
+                        continue
+                    tally = counts.fallbacks if backend is _FALLBACK else counts.operations.setdefault(backend, {})
+                    tally[outcome] = tally.get(outcome, 0) + 1
             except IndexError:
                 pass
-
-    def fallback(self, domain: str, op: str, kind: str) -> None:
-        with self._lock:
-            fallbacks = self._counts(domain).fallbacks
-            fallbacks[kind] = fallbacks.get(kind, 0) + 1
 
     def secondary_failure(self, domain: str, op: str) -> None:
         with self._lock:
             self._counts(domain).secondary_failures += 1
-
-    def secondary_skipped(self, domain: str, op: str) -> None:
-        with self._lock:
-            self._counts(domain).secondary_skipped += 1
 
     def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
         """Shadow results are counted by the ``ShadowComparer`` itself (``router.describe()``)."""

@@ -299,9 +299,11 @@ class RollingWindow:
                     per_backend = bucket.calls[backend] = _Calls()
                 per_backend.add(outcome, seconds)
 
-    def fallback(self) -> None:
+    def fallbacks(self, second: int, count: int) -> None:
         with self._lock:
-            self._bucket().fallbacks += 1
+            bucket = self._bucket_at(second)
+            if bucket is not None:
+                bucket.fallbacks += count
 
     def comparison(self, mismatch: bool) -> None:
         with self._lock:
@@ -448,13 +450,19 @@ class StoreMetrics:
         background; the rolling window counts a batch in the second it is folded.
         """
         with self._fold_lock:
-            self._fold_calls(_drain(self._pending))
+            second = int(self._clock())
+            self._fold_calls(_drain(self._pending), second)
             increments = CountOf(_drain(self._counts))
+            fallbacks: CountOf[str] = CountOf()
             for (instrument, labels), count in increments.items():
                 getattr(self._i, instrument).labels(*labels).inc(count)
+                if instrument == "fallbacks":
+                    fallbacks[labels[0]] += count
+            for domain, count in fallbacks.items():
+                self._window(domain).fallbacks(second, count)
         self.sync()
 
-    def _fold_calls(self, calls: list[tuple[str, str, str, str, float]]) -> None:
+    def _fold_calls(self, calls: list[tuple[str, str, str, str, float]], second: int) -> None:
         """Per label set, bucket counts and the sum for the histogram, and the errors and timeouts;
         per domain, the window's calls."""
         if not calls:
@@ -480,7 +488,6 @@ class StoreMetrics:
                 self._i.timeouts.labels(backend, domain, op).inc(calls_in_set)
             elif outcome in (ERROR, REJECTED):
                 self._i.errors.labels(backend, domain, op, outcome).inc(calls_in_set)
-        second = int(self._clock())
         for domain, window_calls in windows.items():
             self._window(domain).calls(second, window_calls)
 
@@ -512,8 +519,9 @@ class StoreMetrics:
         return child
 
     def fallback(self, domain: str, op: str, kind: str) -> None:
+        """Counted at the next ``fold`` (during an outage every store call falls back); logged now, at
+        most once a second per domain and operation, with the request's id."""
         self._counts.append(("fallbacks", (domain, op, kind)))
-        self._window(domain).fallback()
         self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
 
     def secondary_failure(self, domain: str, op: str) -> None:

@@ -6,8 +6,12 @@ from middleware.stats import FOLD_BATCH, RoutingStats
 from tests.support.helpers import race
 
 
-def test_calls_are_counted_by_backend_and_outcome_when_read() -> None:
+def test_calls_and_fallbacks_are_counted_when_read() -> None:
     stats = RoutingStats()
+    stats.fallback("audit", "get", "read")
+    stats.fallback("audit", "set", "write")
+    stats.fallback("audit", "get", "read")
+    stats.secondary_skipped("audit", "set")
     stats.operation("audit", "redis", "get", OK, 0.001)
     stats.operation("audit", "redis", "set", TIMEOUT, 0.25)
     stats.operation("audit", "memory", "set", OK, 0.0001)
@@ -17,6 +21,8 @@ def test_calls_are_counted_by_backend_and_outcome_when_read() -> None:
 
     assert audit["operations"] == {"redis": {OK: 1, TIMEOUT: 1}, "memory": {OK: 1}}
     assert (audit["ok"], audit["timeouts"], audit["errors"]) == (2, 1, 0)
+    assert audit["fallbacks"] == {"read": 2, "write": 1}
+    assert audit["secondarySkipped"] == 1
     assert stats.snapshot("locale")["errors"] == 1
 
 
@@ -24,9 +30,9 @@ def test_a_full_queue_is_counted_without_a_read() -> None:
     stats = RoutingStats()
     for _ in range(FOLD_BATCH):
         stats.operation("audit", "memory", "get", OK, 0.0001)
-    assert not stats._calls
+    assert not stats._queue
     stats.operation("audit", "memory", "get", OK, 0.0001)
-    assert len(stats._calls) == 1
+    assert len(stats._queue) == 1
     assert stats.snapshot("audit")["ok"] == FOLD_BATCH + 1
 
 
