@@ -13,6 +13,9 @@ with ``CircuitBreakerError`` until the trial has closed or re-opened the circuit
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional, TypeVar
@@ -39,6 +42,9 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
         super().__init__(*args, **kwargs)
         self._trial_running = False
         self._rejected = 0
+        #: Counts only, so not pybreaker's reentrant lock (``refuse_now`` runs for every refused call).
+        self._rejected_lock = threading.Lock()
+        self._reopen_cache: Optional[tuple[Optional[datetime], float]] = None
 
     # -- what telemetry reads --------------------------------------------------------------
     @property
@@ -64,13 +70,21 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
                 return False
         elif state != STATE_OPEN:
             return False
-        else:
-            opened_at = storage.opened_at
-            if opened_at is None or datetime.now(timezone.utc) >= opened_at + timedelta(seconds=self.reset_timeout):
-                return False
-        with self._lock:
+        elif time.time() >= self._reopen_at(storage.opened_at):
+            return False
+        with self._rejected_lock:
             self._rejected += 1
         return True
+
+    def _reopen_at(self, opened_at: Optional[datetime]) -> float:
+        """Epoch seconds when the open circuit lets a trial through (``-inf`` when it has no time).
+        Cached per opening: during an outage every store call asks."""
+        cached = self._reopen_cache
+        if cached is None or cached[0] is not opened_at:
+            reopen_at = -math.inf if opened_at is None else (
+                opened_at + timedelta(seconds=self.reset_timeout)).timestamp()
+            cached = self._reopen_cache = (opened_at, reopen_at)
+        return cached[1]
 
     # -- guarded calls ---------------------------------------------------------------------
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -110,14 +124,16 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
                 opened_at = self._state_storage.opened_at
                 reopen_at = opened_at + timedelta(seconds=self.reset_timeout) if opened_at else None
                 if reopen_at is not None and datetime.now(timezone.utc) < reopen_at:
-                    self._rejected += 1
+                    with self._rejected_lock:
+                        self._rejected += 1
                     raise CircuitBreakerError("Timeout not elapsed yet, circuit breaker still open")
                 self.half_open()
                 name = STATE_HALF_OPEN
             trial = False
             if name == STATE_HALF_OPEN:
                 if self._trial_running:
-                    self._rejected += 1
+                    with self._rejected_lock:
+                        self._rejected += 1
                     raise CircuitBreakerError("Trial call running, circuit breaker half-open")
                 self._trial_running = trial = True
             for listener in self._listeners:
