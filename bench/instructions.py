@@ -4,7 +4,7 @@ CPU seconds per callback (``bench/callbacks.py``) move by up to 15 % between run
 2-core VM, more than most single changes save. callgrind counts the instructions the worker
 executes instead, which repeat within about half a percent, so a change can be measured alone.
 
-Per mode (``memory`` and ``redis`` as in ``bench/callbacks.py``): the relay runs under
+Per mode (``memory``, ``redis`` and ``outage`` as in ``bench/callbacks.py``): the relay runs under
 ``valgrind --tool=callgrind`` with ``bench/callgrind_app.py`` (the relay plus a dump trigger),
 20 answering agents attach, ``WARMUP`` callbacks warm it, then a dump marks the start, ``CALLBACKS``
 callbacks run two at a time (each answered and audited before the relay counts as idle), and a
@@ -24,7 +24,7 @@ from bench import callbacks
 from tests.support.live_relay import live_relay
 from tests.support.redisproc import RedisServer
 
-MODES = ("memory", "redis")
+MODES = ("memory", "redis", "outage")
 WARMUP = 100
 CALLBACKS = 300
 CONCURRENCY = 2
@@ -64,12 +64,15 @@ def _run_mode(mode: str, server: RedisServer, workdir: Path) -> dict[str, Any]:
     with live_relay("bench.callgrind_app:app", env=env, startup_timeout_s=300, launcher=launcher) as relay, \
             callbacks._agents(relay, callbacks.MACHINES):
         callbacks._load(relay, f"{mode}-warm", WARMUP, CONCURRENCY, 300.0)
+        if mode == "outage":
+            callbacks._open_breaker(relay, server, timeout_s=120.0)
         callbacks._quiesce(relay, 120.0)
         (worker,) = relay.worker_pids()
         _dump(trigger, 1, dumps, worker)
         load = callbacks._load(relay, mode, CALLBACKS, CONCURRENCY, 600.0)
         callbacks._quiesce(relay, 120.0)
         instructions = _totals(_dump(trigger, 2, dumps, worker)) or 0
+        server.resume()
     return {"callbacks": load.ok, "errors": load.errors,
             "instructions_per_callback": round(instructions / load.ok) if load.ok else None}
 
@@ -80,8 +83,11 @@ def run() -> dict[str, Any]:
         return {"skipped": "valgrind is not installed"}
     modes: dict[str, dict[str, Any]] = {}
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-instructions-") as workdir:
-        for mode in MODES:
-            modes[mode] = _run_mode(mode, server, Path(workdir))
+        try:
+            for mode in MODES:
+                modes[mode] = _run_mode(mode, server, Path(workdir))
+        finally:
+            server.resume()
     print(f"relay worker under callgrind, {CALLBACKS} callbacks {CONCURRENCY} at a time after {WARMUP} to warm up, "
           f"results and audits included")
     print(f"{'mode':<8}{'callbacks':>10}{'err':>5}{'instructions per callback':>28}")
