@@ -25,7 +25,7 @@ from tests.support.live_relay import live_relay
 from tests.support.redisproc import RedisServer
 
 MODES = ("memory", "redis", "outage")
-WARMUP = 100
+WARMUP = 60
 CALLBACKS = 300
 CONCURRENCY = 2
 DUMP_WAIT_S = 60.0
