@@ -64,3 +64,19 @@ def test_while_the_half_open_trial_runs_other_calls_are_refused() -> None:
         runner.join(5)
     assert breaker.current_state == STATE_CLOSED
     assert breaker.refuse_now() is False
+
+
+def test_a_circuit_opened_again_by_a_failed_trial_refuses_for_a_whole_new_timeout() -> None:
+    breaker = GuardedBreaker(fail_max=1, reset_timeout=0.5)
+    trip(breaker)
+    assert breaker.refuse_now() is True
+    time.sleep(0.6)
+    assert breaker.refuse_now() is False
+    with pytest.raises((ConnectionError, CircuitBreakerError)):
+        breaker.call(fail)  # the half-open trial fails: open again, from now
+    assert breaker.current_state == STATE_OPEN
+    reopened = time.monotonic()
+
+    assert breaker.refuse_now() is True  # not the first opening's time, which has passed
+    time.sleep(max(0.0, reopened + 0.6 - time.monotonic()))
+    assert breaker.refuse_now() is False
