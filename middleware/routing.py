@@ -206,9 +206,11 @@ class StoreRouter:
         return binding.store(domain)
 
     def provider(self, domain: str) -> StoreProvider:
+        """``store(domain)`` as a function of nothing, for the domain modules (asked some 16 times
+        per callback, so it looks the binding up itself)."""
         if domain not in self._domains:
             raise KeyError(domain)
-        return lambda: self.store(domain)
+        return lambda: (_current.get() or self._binding).stores[domain]
 
     def describe(self) -> dict[str, Any]:
         """Per-domain plan, copy progress, shadow counts and pending write-backs, for ``/ops/store``."""
