@@ -140,7 +140,9 @@ class MemoryStore(Store):
 
     def _begin(self) -> float:
         now = self._clock()
-        self._reclaim(now)
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][0] <= now:
+            self._reclaim(now)
         return now
 
     def _string(self, key: str, now: float) -> Optional[str]:
