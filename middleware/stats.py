@@ -48,15 +48,16 @@ class _DomainCounts:
 class RoutingStats:
     """Counts what the routed stores report, per domain, for this process.
 
-    A backend call or fallback is only queued (``deque.append`` needs no lock): there are some 20 per
-    callback. The queue is counted when it reaches ``FOLD_BATCH`` events and before every read.
+    A backend call, fallback or skipped mirror write is only queued (``deque.append`` needs no lock):
+    there are some 20 per callback. The queue is counted when it reaches ``FOLD_BATCH`` events and
+    before every read.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._domains: dict[str, _DomainCounts] = {}
-        #: ``(domain, backend, outcome)`` of a call, ``(domain, FALLBACK, kind)`` of a fallback and
-        #: ``(domain, SKIPPED, "")`` of a skipped mirror write.
+        #: ``(domain, backend, outcome)`` of a call, ``(domain, _FALLBACK, kind)`` of a fallback and
+        #: ``(domain, _SKIPPED, "")`` of a skipped mirror write.
         self._queue: deque[tuple[str, str, str]] = deque()
 
     def _counts(self, domain: str) -> _DomainCounts:
