@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Optional, TypeVar
 
 import pybreaker
@@ -121,9 +121,7 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
         with self._lock:
             name = self._state_name()
             if name == STATE_OPEN:
-                opened_at = self._state_storage.opened_at
-                reopen_at = opened_at + timedelta(seconds=self.reset_timeout) if opened_at else None
-                if reopen_at is not None and datetime.now(timezone.utc) < reopen_at:
+                if time.time() < self._reopen_at(self._state_storage.opened_at):
                     with self._rejected_lock:
                         self._rejected += 1
                     raise CircuitBreakerError("Timeout not elapsed yet, circuit breaker still open")
