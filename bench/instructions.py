@@ -60,7 +60,11 @@ def _run_mode(mode: str, server: RedisServer, workdir: Path) -> dict[str, Any]:
     launcher = ("valgrind", "--tool=callgrind", "-q", "--dump-before=getsid",
                 f"--callgrind-out-file={dumps}/callgrind.%p")
     if mode != "memory":
-        server.client().flushall()
+        client = server.client()
+        try:
+            client.flushall()
+        finally:
+            client.close()
     with live_relay("bench.callgrind_app:app", env=env, startup_timeout_s=300, launcher=launcher) as relay, \
             callbacks._agents(relay, callbacks.MACHINES):
         callbacks._load(relay, f"{mode}-warm", WARMUP, CONCURRENCY, 300.0)
