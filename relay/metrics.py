@@ -467,7 +467,7 @@ class StoreMetrics:
         if not calls:
             return
         histograms: dict[tuple[str, str, str, str], list[float]] = {}
-        windows: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        windows: dict[str, dict[str, list[tuple[str, float]]]] = {}
         for domain, backend, op, outcome, seconds in calls:
             labels = (backend, domain, op, outcome)
             buckets = histograms.get(labels)
@@ -475,9 +475,12 @@ class StoreMetrics:
                 buckets = histograms[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
             buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             buckets[-1] += seconds
-            window = windows.get((domain, backend))
+            by_backend = windows.get(domain)
+            if by_backend is None:
+                by_backend = windows[domain] = {}
+            window = by_backend.get(backend)
             if window is None:
-                window = windows[(domain, backend)] = []
+                window = by_backend[backend] = []
             window.append((outcome, seconds))
         for labels, buckets in histograms.items():
             _add_observations(self._latency_child(labels), buckets[:-1], buckets[-1])
@@ -487,10 +490,7 @@ class StoreMetrics:
                 self._i.timeouts.labels(backend, domain, op).inc(calls_in_set)
             elif outcome in (ERROR, REJECTED):
                 self._i.errors.labels(backend, domain, op, outcome).inc(calls_in_set)
-        per_domain: dict[str, dict[str, list[tuple[str, float]]]] = {}
-        for (domain, backend), window_calls in windows.items():
-            per_domain.setdefault(domain, {})[backend] = window_calls
-        for domain, by_backend in per_domain.items():
+        for domain, by_backend in windows.items():
             self._window(domain).calls(second, by_backend)
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
