@@ -1,14 +1,16 @@
 """Pushing results to users (reference §6.2): the WeCom API first, then the webhook.
 
 Pushes run on a small pool off the agent's socket thread, each inside its own
-store binding, so a slow WeCom API never stalls an agent's frames.
+store binding, so a slow WeCom API never stalls an agent's frames. With neither
+configured there is nothing to wait for: the ``result_ready_no_push`` trace is
+sent at once, in the caller's frame scope, and joins the socket's held frames.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
 
 from relay.lifecycle.context import LifecycleContext
@@ -45,17 +47,22 @@ class ResultNotifier:
 
     def notify(self, user_id: str, summary: str, status: str, *, command_id: Optional[str],
                machine_id: str, kind: Optional[str]) -> Future[None]:
-        return self._pool.submit(self._run, user_id, summary, status, command_id, machine_id, kind)
+        if self.wecom is not None or self.webhook is not None:
+            return self._pool.submit(self._run, self._scope, user_id, summary, status, command_id, machine_id, kind)
+        done: Future[None] = Future()
+        self._run(nullcontext, user_id, summary, status, command_id, machine_id, kind)
+        done.set_result(None)
+        return done
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait)
 
-    def _run(self, user_id: str, summary: str, status: str, command_id: Optional[str],
-             machine_id: str, kind: Optional[str]) -> None:
+    def _run(self, scope: Callable[[], AbstractContextManager[Any]], user_id: str, summary: str, status: str,
+             command_id: Optional[str], machine_id: str, kind: Optional[str]) -> None:
         try:
-            with self._scope():
+            with scope():
                 self.push(user_id, summary, status, command_id=command_id, machine_id=machine_id, kind=kind)
-        except Exception as exc:  # the pool must not swallow failures silently
+        except Exception as exc:  # neither the pool nor the agent's frame handler may swallow it silently
             log.error("result push crashed", extra={"event": "result_push_crashed", "error": type(exc).__name__})
 
     def push(self, user_id: str, summary: str, status: str, *, command_id: Optional[str],
