@@ -89,9 +89,21 @@ class TrackedSocket:
             if self._send_deadline is None:
                 self._sock.sendall(data)
             else:
-                with self._send_deadline():
-                    self._sock.sendall(data)
+                self._send_gevent(data)
         return len(data)
+
+    def _send_gevent(self, data: bytes) -> None:
+        """One attempt that never waits, then what is left under the send deadline. An agent's frames
+        nearly always fit in the socket buffer, and the attempt spares gevent's ``sendall`` (which
+        asks the kernel for the buffer size on every call) and a timer per frame."""
+        try:
+            sent = self._sock.send(data, 0, 0.0)  # gevent's socket: timeout 0.0 returns instead of waiting
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            assert self._send_deadline is not None
+            with self._send_deadline():
+                self._sock.sendall(memoryview(data)[sent:])
 
     def hold(self, data: bytes) -> None:
         """Keep encoded frames for the next write (the caller holds ``lock``)."""

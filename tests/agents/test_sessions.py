@@ -279,6 +279,43 @@ def test_the_send_timeout_also_holds_on_gevent_sockets() -> None:
     assert float(seconds) < 5.0
 
 
+GEVENT_SEND_PATHS = """
+from gevent import monkey; monkey.patch_all()
+import gevent, json, socket
+from tests.agents.test_sessions import open_pair
+calls = []
+original = socket.socket.sendall
+def counting_sendall(self, data, *args):
+    calls.append(len(data))
+    return original(self, data, *args)
+socket.socket.sendall = counting_sendall
+session, agent, _ = open_pair(small_buffers=True)
+reader = gevent.spawn(agent.texts, 3, 20.0)
+small = session.send_json({"n": 1})
+after_small = len(calls)
+big = session.send_json({"n": 2, "pad": "x" * 200000}) and session.send_json({"n": 3})
+texts = reader.get(timeout=20)
+print(json.dumps({"sent": [small, big], "sendall_after_small": after_small, "sendall_after_big": len(calls),
+                  "frames": [(json.loads(t)["n"], len(t)) for t in texts]}))
+session.close()
+session.release(0.0)
+agent.sock.close()
+"""
+
+
+def test_gevent_sockets_write_a_fitting_frame_in_one_attempt_and_the_rest_under_the_deadline() -> None:
+    """A frame that fits the socket buffer skips gevent's ``sendall``; a larger one continues there."""
+    done = subprocess.run([sys.executable, "-c", GEVENT_SEND_PATHS], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["sent"] == [True, True]
+    assert report["sendall_after_small"] == 0
+    assert report["sendall_after_big"] >= 1
+    assert [n for n, _ in report["frames"]] == [1, 2, 3]
+    assert report["frames"][1][1] == len(json.dumps({"n": 2, "pad": "x" * 200000}, separators=(",", ":")))
+
+
 def test_concurrent_sends_arrive_whole_and_in_per_thread_order() -> None:
     # frames far larger than the socket buffers: each write takes many send() calls, which would
     # interleave between threads without the per-socket lock
