@@ -46,8 +46,11 @@ def collapse_whitespace(text: str) -> str:
 
 
 def utf16_len(text: str) -> int:
-    """``text.length`` in JS: astral characters count as two UTF-16 code units."""
-    return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
+    """``text.length`` in JS: astral characters count as two UTF-16 code units (a lone surrogate,
+    which a Python string may hold, as one)."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def utf16_slice(text: str, end: int) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config.settings import DEFAULT_CALLBACK_PATH, callback_route_paths, normalize_callback_path
 from relay.messages import (
@@ -209,6 +211,7 @@ def test_infer_locale(text: str | None, expected: str | None) -> None:
 
 def test_utf16_helpers() -> None:
     assert utf16_len("a😀b") == 4
+    assert utf16_len("\ud800x") == 2  # a lone surrogate is one code unit, as in JS
     assert utf16_slice("a😀b", 2) == "a"
     assert utf16_slice("a😀b", 3) == "a😀"
     assert utf16_slice("abc", 0) == ""
@@ -294,3 +297,8 @@ def test_push_failure_60020_without_ip() -> None:
 
 def test_push_failure_code_must_be_word_bounded() -> None:
     assert analyze_push_failure("errcode=40001").to_dict() == {"detail": "errcode=40001"}
+
+
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+def test_utf16_len_counts_each_astral_character_twice(text: str) -> None:
+    assert utf16_len(text) == len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
