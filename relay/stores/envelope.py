@@ -9,6 +9,7 @@ older version upgrades it; a newer (unknown) version or a corrupt value raises
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,6 +23,9 @@ from marshmallow import validate as mvalidate
 from relay.jsontext import compact_finite
 
 Upgrade = Callable[[Any], Any]
+#: How many texts each schema remembers having written, and the longest it remembers (characters).
+WRITTEN_MEMO_ENTRIES = 512
+WRITTEN_MEMO_MAX_CHARS = 4096
 #: A quick check of ``data``: ``True`` only when marshmallow would accept it too.
 Check = Callable[[Any], bool]
 
@@ -77,6 +81,10 @@ class EnvelopeSchema:
         if missing:
             raise ValueError(f"no upgrade from version(s) {missing} to {self.version}")
         self._quick: Optional[Check] = quick_check(self.data_schema)
+        #: Texts ``encode`` returned lately. Whether a text decodes to valid data depends on the text
+        #: alone, and these hold data validated when they were written, so ``decode`` does not
+        #: validate them again. Most reads return what this process wrote a moment before.
+        self._written: OrderedDict[str, None] = OrderedDict()
 
     def errors(self, data: Any) -> Any:
         """marshmallow's validation errors for ``data`` (empty when valid). Data the quick check
@@ -90,9 +98,15 @@ class EnvelopeSchema:
         if errors:
             raise ValueError(f"invalid data for this domain: {errors}")
         try:
-            return compact_finite({"version": self.version, "updatedAt": iso_ms(now_ms), "data": data})
+            text = compact_finite({"version": self.version, "updatedAt": iso_ms(now_ms), "data": data})
         except (TypeError, ValueError) as exc:
             raise TypeError(f"value is not JSON-serializable: {exc}") from exc
+        if len(text) <= WRITTEN_MEMO_MAX_CHARS:
+            written = self._written
+            written[text] = None
+            if len(written) > WRITTEN_MEMO_ENTRIES:
+                written.popitem(last=False)
+        return text
 
     def decode(self, raw: str) -> Entry:
         try:
@@ -113,9 +127,10 @@ class EnvelopeSchema:
                 data = self.upgrades[v](data)
         except Exception as exc:  # an upgrade meeting data it cannot handle is corruption
             raise EnvelopeError("corrupt", f"upgrade from version {v} failed: {exc}") from exc
-        errors = self.errors(data)
-        if errors:
-            raise EnvelopeError("corrupt", f"data does not match the schema: {errors}")
+        if raw not in self._written:
+            errors = self.errors(data)
+            if errors:
+                raise EnvelopeError("corrupt", f"data does not match the schema: {errors}")
         return Entry(data=data, updated_at=updated_at, raw=raw)
 
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from marshmallow import fields
 
 from relay.stores.envelope import (
+    WRITTEN_MEMO_ENTRIES,
+    WRITTEN_MEMO_MAX_CHARS,
     EnvelopeError,
     EnvelopeSchema,
     ScalarSchema,
@@ -128,3 +130,48 @@ def test_encode_rejects_invalid_or_unserializable_data() -> None:
 def test_schema_needs_an_upgrade_from_every_older_version() -> None:
     with pytest.raises(ValueError, match=r"\[2\]"):
         EnvelopeSchema(3, ItemV3(), upgrades={1: lambda d: d})
+
+
+class CountingItems(EnvelopeSchema):
+    """``ITEMS`` that counts how often data is validated."""
+
+    def __init__(self) -> None:
+        super().__init__(3, ItemV3(), upgrades=ITEMS.upgrades)
+        self.validated = 0
+
+    def errors(self, data: object) -> object:
+        self.validated += 1
+        return super().errors(data)
+
+
+def test_a_text_this_schema_wrote_is_decoded_without_validating_it_again() -> None:
+    schema = CountingItems()
+    raw = schema.encode({"name": "a", "tags": [], "count": 0}, NOW_MS)
+    assert schema.validated == 1
+    assert schema.decode("".join([raw[:5], raw[5:]])).data == {"name": "a", "tags": [], "count": 0}
+    assert schema.validated == 1
+
+
+def test_texts_written_elsewhere_are_still_validated() -> None:
+    schema = CountingItems()
+    schema.encode({"name": "a", "tags": [], "count": 0}, NOW_MS)
+    assert schema.decode(envelope(3, {"name": "b", "tags": [], "count": 0})).data["name"] == "b"
+    assert schema.validated == 2
+    with pytest.raises(EnvelopeError, match="does not match the schema"):
+        schema.decode(envelope(3, {"name": "c", "tags": [], "count": "many"}))
+
+
+def test_the_memo_keeps_only_the_newest_short_texts() -> None:
+    schema = CountingItems()
+    first = schema.encode({"name": "first", "tags": [], "count": 0}, NOW_MS)
+    for n in range(WRITTEN_MEMO_ENTRIES):
+        schema.encode({"name": f"n{n}", "tags": [], "count": n}, NOW_MS)
+    long = schema.encode({"name": "x" * WRITTEN_MEMO_MAX_CHARS, "tags": [], "count": 0}, NOW_MS)
+    written = schema.validated
+
+    schema.decode(first)
+    schema.decode(long)
+    assert schema.validated == written + 2
+    schema.decode(schema.encode({"name": f"n{WRITTEN_MEMO_ENTRIES - 1}", "tags": [], "count": WRITTEN_MEMO_ENTRIES - 1},
+                                NOW_MS))
+    assert schema.validated == written + 3
