@@ -217,16 +217,16 @@ class _Calls:
         self.timeouts = 0
         self.bins: dict[int, int] = {}
 
-    def add(self, calls: Sequence[tuple[str, float]]) -> None:
-        """Count ``(outcome, seconds)`` calls (in one loop: a fold brings hundreds)."""
-        self.count += len(calls)
+    def add(self, outcome: str, samples: Sequence[float]) -> None:
+        """Count calls of one outcome that took ``samples`` seconds (a fold brings hundreds)."""
+        self.count += len(samples)
+        if outcome == TIMEOUT:
+            self.timeouts += len(samples)
+        elif outcome in (ERROR, REJECTED):
+            self.errors += len(samples)
         bins, log, ceil = self.bins, math.log, math.ceil
-        for outcome, seconds in calls:
-            if outcome == TIMEOUT:
-                self.timeouts += 1
-            elif outcome in (ERROR, REJECTED):
-                self.errors += 1
-            index = ceil(log(max(seconds, _MIN_SECONDS)) / _LOG_GAMMA)
+        for seconds in samples:
+            index = ceil(log(seconds if seconds > _MIN_SECONDS else _MIN_SECONDS) / _LOG_GAMMA)
             bins[index] = bins.get(index, 0) + 1
 
     def merge(self, other: "_Calls") -> None:
@@ -286,17 +286,17 @@ class RollingWindow:
             return None
         return bucket
 
-    def calls(self, second: int, by_backend: Mapping[str, Sequence[tuple[str, float]]]) -> None:
-        """Count each backend's ``(outcome, seconds)`` calls in ``second`` under one lock."""
+    def calls(self, second: int, groups: Sequence[tuple[str, str, Sequence[float]]]) -> None:
+        """Count ``(backend, outcome, samples)`` groups of calls in ``second`` under one lock."""
         with self._lock:
             bucket = self._bucket_at(second)
             if bucket is None:
                 return
-            for backend, calls in by_backend.items():
+            for backend, outcome, samples in groups:
                 per_backend = bucket.calls.get(backend)
                 if per_backend is None:
                     per_backend = bucket.calls[backend] = _Calls()
-                per_backend.add(calls)
+                per_backend.add(outcome, samples)
 
     def fallbacks(self, second: int, count: int) -> None:
         with self._lock:
@@ -462,36 +462,31 @@ class StoreMetrics:
         self.sync()
 
     def _fold_calls(self, calls: list[tuple[str, str, str, str, float]], second: int) -> None:
-        """Per label set, bucket counts and the sum for the histogram, and the errors and timeouts;
-        per domain, the window's calls."""
+        """Group the calls' seconds by label set; per set, the histogram's bucket counts and sum and
+        the errors or timeouts; per domain, the window's calls."""
         if not calls:
             return
-        histograms: dict[tuple[str, str, str, str], list[float]] = {}
-        windows: dict[str, dict[str, list[tuple[str, float]]]] = {}
+        samples_by_labels: dict[tuple[str, str, str, str], list[float]] = {}
         for domain, backend, op, outcome, seconds in calls:
-            labels = (backend, domain, op, outcome)
-            buckets = histograms.get(labels)
-            if buckets is None:
-                buckets = histograms[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-            buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            buckets[-1] += seconds
-            by_backend = windows.get(domain)
-            if by_backend is None:
-                by_backend = windows[domain] = {}
-            window = by_backend.get(backend)
-            if window is None:
-                window = by_backend[backend] = []
-            window.append((outcome, seconds))
-        for labels, buckets in histograms.items():
-            _add_observations(self._latency_child(labels), buckets[:-1], buckets[-1])
-            backend, domain, op, outcome = labels
-            calls_in_set = sum(buckets[:-1])
+            labels = (domain, backend, op, outcome)
+            samples = samples_by_labels.get(labels)
+            if samples is None:
+                samples_by_labels[labels] = [seconds]
+            else:
+                samples.append(seconds)
+        windows: dict[str, list[tuple[str, str, list[float]]]] = {}
+        for (domain, backend, op, outcome), samples in samples_by_labels.items():
+            buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+            for seconds in samples:
+                buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            _add_observations(self._latency_child((backend, domain, op, outcome)), buckets, sum(samples))
             if outcome == TIMEOUT:
-                self._i.timeouts.labels(backend, domain, op).inc(calls_in_set)
+                self._i.timeouts.labels(backend, domain, op).inc(len(samples))
             elif outcome in (ERROR, REJECTED):
-                self._i.errors.labels(backend, domain, op, outcome).inc(calls_in_set)
-        for domain, by_backend in windows.items():
-            self._window(domain).calls(second, by_backend)
+                self._i.errors.labels(backend, domain, op, outcome).inc(len(samples))
+            windows.setdefault(domain, []).append((backend, outcome, samples))
+        for domain, groups in windows.items():
+            self._window(domain).calls(second, groups)
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
         """Fold every ``interval_s`` in a daemon thread, until ``stop``."""
