@@ -1,4 +1,5 @@
-"""Compact JSON text, as ``JSON.stringify`` writes it, from encoders built once.
+"""Compact JSON text, as ``JSON.stringify`` writes it, from encoders built once; and ``JSON.parse``
+from one decoder built once.
 
 ``json.dumps`` with any option builds a new ``JSONEncoder`` per call, and ``JSONEncoder.encode``
 builds a new C encoder per call too. The callback path writes some 16 documents per callback
@@ -30,3 +31,19 @@ compact = _encoder(ensure_ascii=False, allow_nan=True)
 compact_ascii = _encoder(ensure_ascii=True, allow_nan=True)
 #: ``compact``, refusing NaN and infinities (``ValueError``), which JSON cannot carry.
 compact_finite = _encoder(ensure_ascii=False, allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_strict_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def parse_strict(text: str) -> Any:
+    """``JSON.parse``: ``json.loads`` refusing NaN and Infinity; raises ``ValueError``, also for
+    nesting too deep to parse. ``json.loads`` with an option builds a new decoder per call."""
+    try:
+        return _strict_decoder.decode(text)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.jsontext import compact, compact_ascii, compact_finite
+from relay.agents.channel import _parse_frame
+from relay.jsontext import compact, compact_ascii, compact_finite, parse_strict
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
 DOCUMENTS = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner,
@@ -45,3 +46,29 @@ def test_values_json_has_no_form_for_are_type_errors(value: Any) -> None:
     for encode in (compact, compact_ascii, compact_finite):
         with pytest.raises(TypeError):
             encode(value)
+
+
+@given(DOCUMENTS.filter(lambda value: not _has_non_finite(value)))
+def test_parse_strict_reads_what_json_loads_reads(value: Any) -> None:
+    text = dumps(value)
+    assert parse_strict(text) == json.loads(text)
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_has_non_finite(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(item) for item in value.values())
+    return False
+
+
+@pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"a": -Infinity}', "", "{", "\ufeff{}", "[" * 100000])
+def test_parse_strict_refuses_what_json_parse_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_strict(text)
+
+
+def test_an_agent_frame_nested_too_deeply_is_an_invalid_frame() -> None:
+    assert _parse_frame("[" * 100000 + "]" * 100000) is None

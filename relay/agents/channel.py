@@ -28,6 +28,7 @@ from relay.agents.auth import CLOSE_UNAUTHORIZED, AgentAuth
 from relay.agents.protocol import AgentConnection, AgentEventHandler
 from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
 from relay.ids import valid_id
+from relay.jsontext import parse_strict
 
 log = logging.getLogger("relay.agents")
 
@@ -340,15 +341,11 @@ def _fastify_error(status: int, message: str) -> Response:
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _parse_frame(message: Message) -> Optional[dict[str, Any]]:
     """A JSON object, or ``None``. Binary frames are read as UTF-8 like Node's ``Buffer.toString()``."""
     text = message.decode("utf-8", errors="replace") if isinstance(message, bytes) else message
     try:
-        frame = json.loads(text, parse_constant=_reject_constant)
+        frame = parse_strict(text)
     except ValueError:
         return None
     return frame if isinstance(frame, dict) else None

@@ -14,11 +14,11 @@ Content-Length when there is one and while reading otherwise (chunked bodies).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from flask import request
 
+from relay.jsontext import parse_strict
 from relay.messages import parse_form_urlencoded_body
 from relay.routes.errors import body_too_large, empty_json_body, invalid_json_body, unsupported_media_type
 
@@ -35,25 +35,13 @@ def media_type(content_type: Optional[str]) -> Optional[str]:
     return value or None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json_text(text: str) -> Any:
-    """``JSON.parse``: like ``json.loads`` but refusing NaN and Infinity; raises ``ValueError``."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-
-
 def parse_body(media: Optional[str], raw: bytes) -> Any:
     """Turn raw body bytes of a supported media type into the handler's body value."""
     if media == JSON_TYPE:
         if not raw:
             raise empty_json_body()
         try:
-            return parse_json_text(raw.decode("utf-8", errors="replace"))
+            return parse_strict(raw.decode("utf-8", errors="replace"))
         except ValueError:
             raise invalid_json_body() from None
     text = raw.decode("utf-8", errors="replace")

@@ -34,9 +34,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from relay.ids import valid_id
+from relay.jsontext import parse_strict
 from relay.lifecycle.types import Ack, InboundMessage
 from relay.messages import js_trim, passive_reply_text
-from relay.routes.body import parse_json_text
 from relay.routes.responses import TEXT_CONTENT_TYPE, XML_CONTENT_TYPE, Rendered, json_rendered
 from relay.wecom.crypto import (
     WeComCryptoError,
@@ -199,7 +199,7 @@ def read_decrypted_payload(plaintext: str) -> CallbackFields:
     if looks_like_xml(plaintext):
         return _xml_fields(plaintext)
     try:
-        payload = parse_json_text(plaintext)
+        payload = parse_strict(plaintext)
     except ValueError:
         raise CallbackRejected(400, "invalid_decrypted_payload") from None
     if not isinstance(payload, dict):

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import requests
 
+from relay.jsontext import parse_strict
 from relay.messages import utf16_slice
 
 DEFAULT_BASE_URL = "https://qyapi.weixin.qq.com"
@@ -122,17 +123,13 @@ def _is_zero(value: Any) -> bool:
     return _is_number(value) and value == 0
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"not JSON: {name}")
-
-
 def parse_wecom_reply(response: requests.Response) -> dict[str, Any]:
     """The reply body as a dict: empty → ``{}``, non-JSON → errcode -1 with a preview."""
     text = response.content.decode("utf-8", "replace")
     if not text:
         return {}
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = parse_strict(text)
     except ValueError:
         return {"errcode": -1, "errmsg": f"non_json_response: {utf16_slice(text, NON_JSON_PREVIEW_UNITS)}"}
     return data if isinstance(data, dict) else {}

@@ -15,9 +15,9 @@ from relay.agents.auth import AgentAuth, bearer_token
 from relay.agents.channel import _parse_frame
 from relay.domains import audit, idempotency, inflight, locale, machines, templates
 from relay.ids import valid_id
+from relay.jsontext import parse_strict
 from relay.lifecycle.types import InboundMessage
 from relay.messages import js_trim
-from relay.routes.body import parse_json_text
 from relay.routes.wecom_io import CallbackRejected, CryptoConfig, check_unsigned_callback, inbound_from_body
 from relay.stores.envelope import EnvelopeError, comparable, raw_updated_at_ms
 from relay.stores.keys import escape_id
@@ -159,7 +159,7 @@ def test_any_frame_is_an_object_or_nothing(message: Any) -> None:
 @FAST
 @given(JSON_VALUES)
 def test_json_text_round_trips(value: Any) -> None:
-    assert parse_json_text(json.dumps(value)) == value
+    assert parse_strict(json.dumps(value)) == value
 
 
 @FAST
@@ -167,7 +167,7 @@ def test_json_text_round_trips(value: Any) -> None:
                            max_size=30).map("".join))
 def test_any_text_parses_or_is_invalid_json(text: str) -> None:
     try:
-        parse_json_text(text)
+        parse_strict(text)
     except ValueError:
         pass
 
