@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from flask import current_app, request
+from werkzeug.datastructures import MultiDict
 
 RELAY_EXTENSION = "relay"
 
@@ -19,13 +20,22 @@ def query_value(name: str) -> Optional[str]:
     fast-querystring turns a repeated key into an array, which JavaScript stringifies
     with commas; joining the values the same way keeps signatures and filters aligned.
     """
-    values = request.args.getlist(name)
-    if not values:
-        return None
-    return ",".join(values)
+    return _joined(request.args, name)
 
 
 def query_dict(*names: str) -> dict[str, str]:
-    """The named query parameters that are present."""
-    found = {name: query_value(name) for name in names}
-    return {name: value for name, value in found.items() if value is not None}
+    """The named query parameters that are present (each as ``query_value`` gives it)."""
+    if not request.query_string:
+        return {}
+    args = request.args
+    found = {}
+    for name in names:
+        value = _joined(args, name)
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def _joined(args: MultiDict[str, str], name: str) -> Optional[str]:
+    values = args.getlist(name)
+    return ",".join(values) if values else None

@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from relay.lifecycle.types import Ack, InboundMessage
 from relay.routes import register_routes
 from relay.routes.admin import audit_limit, js_number, valid_command_id
+from relay.routes.app_context import query_dict
 from relay.routes.responses import dumps
 
 JSON_CT = "application/json; charset=utf-8"
@@ -342,6 +343,16 @@ def test_callback_reads_signature_fields_from_the_query() -> None:
     app = make_app(wecom_token="token1", wecom_encoding_aes_key="abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG")
     response = app.test_client().post(CALLBACK + "?msg_signature=bad&timestamp=1&nonce=n", json={"encrypt": "abc"})
     assert (response.status_code, response.get_data(as_text=True)) == (401, '{"error":"invalid_signature"}')
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/q", {}),
+    ("/q?other=1", {}),
+    ("/q?nonce=n&timestamp=1&nonce=m&msg_signature=", {"nonce": "n,m", "timestamp": "1", "msg_signature": ""}),
+])
+def test_query_dict_joins_repeated_keys_and_leaves_out_absent_ones(target: str, expected: dict[str, str]) -> None:
+    with Flask(__name__).test_request_context(target):
+        assert query_dict("msg_signature", "timestamp", "nonce") == expected
 
 
 def test_verify_get_answers_text_plain(client: FlaskClient) -> None:
