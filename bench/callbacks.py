@@ -131,12 +131,29 @@ def _agents(relay: LiveRelay, count: int) -> Iterator[int]:
     try:
         if not ready.wait(30):
             raise RuntimeError("the bench agents did not connect")
+        _wait_registered(relay, count, timeout_s=60.0)
         yield process.pid or 0
     finally:
         stop.set()
         process.join(15)
         if process.is_alive():
             process.kill()
+
+
+def _wait_registered(relay: LiveRelay, count: int, timeout_s: float) -> None:
+    """Wait until the relay lists ``count`` live machines. An agent counts itself connected once its
+    hello is sent; a callback sent before the relay has read it finds the machine offline."""
+    client = HttpClient(relay.port, {"x-admin-token": ADMIN_TOKEN})
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            status, body = client.request("GET", "/machines")
+            if status == 200 and sum(not m["stale"] for m in json.loads(body)["items"]) >= count:
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise RuntimeError(f"the relay did not register the {count} bench agents")
 
 
 # -- requests ---------------------------------------------------------------------------------------
