@@ -211,8 +211,9 @@ class RoutedStore(Store):
 
     def _refused(self, backend: Store, op: str) -> bool:
         """``True`` when ``backend`` may fall back to memory and its breaker refuses calls now: the
-        call is reported as rejected without being built (no journal settling, no Redis attempt),
-        so an outage costs little more than memory mode. The half-open trial still goes through."""
+        call is reported as rejected and falls back without being built (no journal settling, no
+        Redis attempt, no exception), so an outage costs little more than memory mode. The
+        half-open trial still goes through."""
         if not self._can_fall_back(backend) or not backend.refuses_calls():
             return False
         self._observer.operation(self.domain, backend.backend_name, op, REJECTED, 0.0)
@@ -220,15 +221,14 @@ class RoutedStore(Store):
 
     def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None,
               keys: Sequence[str] = ()) -> T:
+        if self._refused(self._reader, op):
+            return self._read_fallback(op, fn)
         try:
-            if self._refused(self._reader, op):
-                raise StoreUnavailable("circuit breaker open")
             result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
         except StoreError:
             if not self._can_fall_back(self._reader):
                 raise
-            self._observer.fallback(self.domain, op, "read")
-            return self._call(self._memory, op, fn)  # type: ignore[arg-type]
+            return self._read_fallback(op, fn)
         if self._shadow is not None and self._sample() < self.plan.shadow_sample_rate:
             if self.plan.shadow_mode == "aa":
                 other: Optional[Store] = self._reader
@@ -242,20 +242,16 @@ class RoutedStore(Store):
                keys: Iterable[str] = ()) -> T:
         """Run ``fn`` on the authoritative backend, then ``mirror`` (default: ``fn``) on the other."""
         keys = list(keys)
+        if self._refused(self._auth, op):
+            return self._write_fallback(op, fn, keys)
         try:
-            if self._refused(self._auth, op):
-                raise StoreUnavailable("circuit breaker open")
             result = self._call(self._auth, op, self._prepared(self._auth, keys, fn))
         except StoreError:
-            if self._secondary is not None:
-                self._observer.secondary_skipped(self.domain, op)
             if not self._can_fall_back(self._auth):
+                if self._secondary is not None:
+                    self._observer.secondary_skipped(self.domain, op)
                 raise
-            self._observer.fallback(self.domain, op, "write")
-            result = self._call(self._memory, op, fn)  # type: ignore[arg-type]
-            if self._journal is not None:
-                self._journal.record(self.domain, keys)
-            return result
+            return self._write_fallback(op, fn, keys)
         if self._secondary is not None:
             try:
                 mirrored = fn if mirror is None else (lambda s: mirror(s, result))
@@ -265,6 +261,22 @@ class RoutedStore(Store):
                 if self._journal is not None:
                     repair = REPAIR_REDIS if self._secondary.backend_name == "redis" else REPAIR_MEMORY
                     self._journal.record(self.domain, keys, repair)
+        return result
+
+    def _read_fallback(self, op: str, fn: Callable[[Store], T]) -> T:
+        """The reader refused or failed ``op`` and this domain may fall back: read memory."""
+        self._observer.fallback(self.domain, op, "read")
+        return self._call(self._memory, op, fn)  # type: ignore[arg-type]
+
+    def _write_fallback(self, op: str, fn: Callable[[Store], T], keys: list[str]) -> T:
+        """The authoritative backend refused or failed ``op`` and this domain may fall back: skip the
+        mirror, write memory, and journal the keys for the write-back."""
+        if self._secondary is not None:
+            self._observer.secondary_skipped(self.domain, op)
+        self._observer.fallback(self.domain, op, "write")
+        result = self._call(self._memory, op, fn)  # type: ignore[arg-type]
+        if self._journal is not None:
+            self._journal.record(self.domain, keys)
         return result
 
     # -- plain values -----------------------------------------------------------------------------
