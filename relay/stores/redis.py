@@ -53,6 +53,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar, Union
@@ -246,21 +247,37 @@ class _Failed:
 
 
 class StoreCounters:
-    """Thread-safe event counters; only failure paths increment them."""
+    """Thread-safe event counters; only failure paths increment them.
+
+    An event is queued (``deque.append`` needs no lock) and counted at the next ``snapshot``, or
+    once ``FOLD_AT`` are queued: while the breaker is open every store call is one."""
 
     NAMES = ("retries", "timeouts", "connection_errors", "errors")
+    FOLD_AT = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values = dict.fromkeys(self.NAMES, 0)
+        self._queued: deque[str] = deque()
 
     def add(self, name: str) -> None:
-        with self._lock:
-            self._values[name] += 1
+        if name not in self._values:
+            raise KeyError(name)
+        queued = self._queued
+        queued.append(name)
+        if len(queued) >= self.FOLD_AT:
+            self._fold()
 
     def snapshot(self) -> dict[str, int]:
+        self._fold()
         with self._lock:
             return dict(self._values)
+
+    def _fold(self) -> None:
+        with self._lock:
+            queued = self._queued
+            for name, n in Counter(queued.popleft() for _ in range(len(queued))).items():
+                self._values[name] += n
 
 
 class _Health:

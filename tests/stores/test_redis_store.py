@@ -17,7 +17,7 @@ import redis
 from middleware.breaker import GuardedBreaker, StateChangeListener
 from middleware.retry import RetryPolicy
 from relay.stores.base import StoreError, StoreUnavailable, ValueTooLarge
-from relay.stores.redis import RedisStore
+from relay.stores.redis import RedisStore, StoreCounters
 from tests.support.helpers import race
 from tests.support.redisproc import RedisServer
 
@@ -477,3 +477,18 @@ def test_retry_policy_never_starts_an_attempt_that_would_overrun_the_deadline() 
     with pytest.raises(OSError, match="2"):
         policy.call(flaky, retryable=lambda e: True, deadline=0.3, attempt_s=0.1)
     assert now[0] == pytest.approx(0.21)
+
+
+def test_store_counters_count_every_event_from_every_thread() -> None:
+    counters = StoreCounters()
+    per_thread = StoreCounters.FOLD_AT + 17
+
+    def report(index: int) -> None:
+        for _ in range(per_thread):
+            counters.add("errors" if index % 2 else "retries")
+
+    race(8, report)
+    assert counters.snapshot() == {"retries": 4 * per_thread, "timeouts": 0, "connection_errors": 0,
+                                   "errors": 4 * per_thread}
+    with pytest.raises(KeyError):
+        counters.add("misses")
