@@ -336,24 +336,34 @@ class RollingWindow:
 
 # -- logs -----------------------------------------------------------------------------------------
 class _LogThrottle:
-    """At most one log line per key and interval; reports how many were held back in between."""
+    """At most one log line per key and interval; reports how many were held back in between.
+
+    During an outage every store call asks, so a line held back takes no lock: it is queued on its
+    key (``deque.append``) and the queue's length is reported with the next line. Under threads a
+    line held back at the very moment the next one is admitted may go uncounted; under gevent none
+    is."""
 
     def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
         self._interval_s = interval_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._state: dict[tuple[str, ...], tuple[float, int]] = {}
+        #: Per key: when its last line was admitted, and the lines held back since.
+        self._state: dict[tuple[str, ...], tuple[float, deque[None]]] = {}
 
     def admit(self, key: tuple[str, ...]) -> Optional[int]:
         """The number of suppressed lines to report with this one, or ``None`` to drop it."""
         now = self._clock()
+        state = self._state.get(key)
+        if state is not None and now - state[0] < self._interval_s:
+            state[1].append(None)
+            return None
         with self._lock:
-            last, suppressed = self._state.get(key, (-math.inf, 0))
-            if now - last < self._interval_s:
-                self._state[key] = (last, suppressed + 1)
+            state = self._state.get(key)
+            if state is not None and now - state[0] < self._interval_s:
+                state[1].append(None)
                 return None
-            self._state[key] = (now, 0)
-            return suppressed
+            self._state[key] = (now, deque())
+            return 0 if state is None else len(state[1])
 
 
 def redact_key(key: Optional[str]) -> Optional[str]:
