@@ -1,12 +1,22 @@
 """What the routed store reports, and to whom: the one seam metrics and logs hang on."""
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from collections import deque
+from typing import Optional, Protocol, TypeVar
+
+T = TypeVar("T")
 
 #: Outcomes of one backend call.
 OK, ERROR, TIMEOUT, REJECTED = "ok", "error", "timeout", "rejected"
 #: Shadow comparison outcomes.
 MATCH, MISSING, EXTRA, DIFFERENT, SHADOW_ERROR, SKIPPED = "match", "missing", "extra", "different", "error", "skipped"
+
+
+def drain(queue: deque[T]) -> list[T]:
+    """What ``queue`` holds now, taken out. Observers and counters queue events with
+    ``deque.append`` (no lock) and count them later; events appended meanwhile wait for the next
+    drain. Only one caller may drain a queue at a time (each holds its own lock)."""
+    return [queue.popleft() for _ in range(len(queue))]
 
 
 class StoreObserver(Protocol):

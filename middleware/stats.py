@@ -14,7 +14,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver
+from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver, drain
 
 #: Events queued before they are counted without a read.
 FOLD_BATCH = 512
@@ -89,8 +89,7 @@ class RoutingStats:
         """Count the queued events: equal ones together (``Counter`` tallies them in C), then each
         distinct event once. Events queued meanwhile wait for the next fold."""
         with self._lock:
-            queue = self._queue
-            for (domain, backend, outcome), n in Counter(queue.popleft() for _ in range(len(queue))).items():
+            for (domain, backend, outcome), n in Counter(drain(self._queue)).items():
                 counts = self._counts(domain)
                 if backend == _SKIPPED:
                     counts.secondary_skipped += n

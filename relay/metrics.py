@@ -33,7 +33,7 @@ from collections import Counter as CountOf
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 import pybreaker
 from prometheus_client import (
@@ -49,14 +49,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from config.phases import PHASES, DomainPlan
 from middleware.breaker import StateChangeListener
-from middleware.observer import DIFFERENT, ERROR, EXTRA, MATCH, MISSING, REJECTED, TIMEOUT
+from middleware.observer import DIFFERENT, ERROR, EXTRA, MATCH, MISSING, REJECTED, TIMEOUT, drain
 from relay.stores.base import Store, StoreError
 
 __all__ = ["CONTENT_TYPE_LATEST", "KeyCardinality", "LATENCY_BUCKETS", "StoreMetrics", "multiprocess_dir"]
 
 log = logging.getLogger("relay.store")
 
-T = TypeVar("T")
 
 #: Histogram buckets in seconds, from 10 µs (memory calls) to 1 s (past the Redis deadline).
 LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
@@ -164,16 +163,6 @@ def _add_observations(child: Any, bucket_counts: Sequence[float], total: float) 
     for value, count in zip(child._buckets, bucket_counts):
         if count:
             value.inc(count)
-
-
-def _drain(queue: "deque[T]") -> list[T]:
-    """Everything in ``queue``, taken one by one (safe while other threads append)."""
-    items = []
-    try:
-        while True:
-            items.append(queue.popleft())
-    except IndexError:
-        return items
 
 
 # -- rolling window -------------------------------------------------------------------------------
@@ -460,8 +449,8 @@ class StoreMetrics:
         """
         with self._fold_lock:
             second = int(self._clock())
-            self._fold_calls(_drain(self._pending), second)
-            increments = CountOf(_drain(self._counts))
+            self._fold_calls(drain(self._pending), second)
+            increments = CountOf(drain(self._counts))
             fallbacks: CountOf[str] = CountOf()
             for (instrument, labels), count in increments.items():
                 getattr(self._i, instrument).labels(*labels).inc(count)

@@ -63,6 +63,7 @@ import redis
 from redis.commands.core import Script
 from redis.utils import HIREDIS_AVAILABLE
 
+from middleware.observer import drain
 from middleware.retry import RetryPolicy
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
@@ -275,8 +276,7 @@ class StoreCounters:
 
     def _fold(self) -> None:
         with self._lock:
-            queued = self._queued
-            for name, n in Counter(queued.popleft() for _ in range(len(queued))).items():
+            for name, n in Counter(drain(self._queued)).items():
                 self._values[name] += n
 
 
