@@ -26,6 +26,12 @@ class StoreObserver(Protocol):
     def fallback(self, domain: str, op: str, kind: str) -> None:
         """A read or write served by memory because Redis failed (kind: "read" or "write")."""
 
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
+        """``backend``'s open breaker refused ``op`` and memory served it in ``seconds`` (kind: "read" or
+        "write"); ``mirror_skipped`` when a mirror write was skipped with it. One report for what
+        counts as four: a call of ``backend`` rejected, a fallback, a memory call that succeeded, and
+        the skipped mirror write. During an outage every store call is one of these."""
+
     def secondary_failure(self, domain: str, op: str) -> None:
         """A mirrored write to the non-authoritative backend failed (the request went on)."""
 
@@ -46,6 +52,9 @@ class NullObserver:
         pass
 
     def fallback(self, domain: str, op: str, kind: str) -> None:
+        pass
+
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
         pass
 
     def secondary_failure(self, domain: str, op: str) -> None:

@@ -183,8 +183,7 @@ class RoutedStore(Store):
             return False
         self._observer.fallback(self.domain, op, "write")
         self._call(self._memory, op, call.run)  # type: ignore[arg-type]
-        if self._journal is not None:
-            self._journal.record(self.domain, call.keys())
+        self._journal_fallback(call.keys())
         return True
 
     def prefetch(self, keys: Sequence[str]) -> None:
@@ -209,20 +208,36 @@ class RoutedStore(Store):
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)
 
-    def _refused(self, backend: Store, op: str) -> bool:
+    def _refused(self, backend: Store) -> bool:
         """``True`` when ``backend`` may fall back to memory and its breaker refuses calls now: the
-        call is reported as rejected and falls back without being built (no journal settling, no
-        Redis attempt, no exception), so an outage costs little more than memory mode. The
-        half-open trial still goes through."""
-        if not self._can_fall_back(backend) or not backend.refuses_calls():
-            return False
-        self._observer.operation(self.domain, backend.backend_name, op, REJECTED, 0.0)
-        return True
+        call falls back without being built (no journal settling, no Redis attempt, no exception),
+        so an outage costs little more than memory mode. The half-open trial still goes through."""
+        return self._can_fall_back(backend) and backend.refuses_calls()
+
+    def _serve_refused(self, backend: Store, op: str, kind: str, fn: Callable[[Store], T]) -> T:
+        """Memory serves ``op``, which ``backend`` refused; the observer hears of it once
+        (``StoreObserver.refused``), or event by event when memory fails too."""
+        mirror_skipped = kind == "write" and self._secondary is not None
+        start = time.perf_counter()
+        try:
+            result = fn(self._memory)  # type: ignore[arg-type]
+        except Exception as exc:
+            observer = self._observer
+            observer.operation(self.domain, backend.backend_name, op, REJECTED, 0.0)
+            if mirror_skipped:
+                observer.secondary_skipped(self.domain, op)
+            observer.fallback(self.domain, op, kind)
+            if isinstance(exc, StoreError):
+                observer.operation(self.domain, "memory", op, classify(exc), time.perf_counter() - start)
+            raise
+        self._observer.refused(self.domain, backend.backend_name, op, kind, time.perf_counter() - start,
+                               mirror_skipped)
+        return result
 
     def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None,
               keys: Sequence[str] = ()) -> T:
-        if self._refused(self._reader, op):
-            return self._read_fallback(op, fn)
+        if self._refused(self._reader):
+            return self._serve_refused(self._reader, op, "read", fn)
         try:
             result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
         except StoreError:
@@ -242,8 +257,10 @@ class RoutedStore(Store):
                keys: Iterable[str] = ()) -> T:
         """Run ``fn`` on the authoritative backend, then ``mirror`` (default: ``fn``) on the other."""
         keys = list(keys)
-        if self._refused(self._auth, op):
-            return self._write_fallback(op, fn, keys)
+        if self._refused(self._auth):
+            result = self._serve_refused(self._auth, op, "write", fn)
+            self._journal_fallback(keys)
+            return result
         try:
             result = self._call(self._auth, op, self._prepared(self._auth, keys, fn))
         except StoreError:
@@ -264,20 +281,24 @@ class RoutedStore(Store):
         return result
 
     def _read_fallback(self, op: str, fn: Callable[[Store], T]) -> T:
-        """The reader refused or failed ``op`` and this domain may fall back: read memory."""
+        """The reader failed ``op`` and this domain may fall back: read memory."""
         self._observer.fallback(self.domain, op, "read")
         return self._call(self._memory, op, fn)  # type: ignore[arg-type]
 
     def _write_fallback(self, op: str, fn: Callable[[Store], T], keys: list[str]) -> T:
-        """The authoritative backend refused or failed ``op`` and this domain may fall back: skip the
-        mirror, write memory, and journal the keys for the write-back."""
+        """The authoritative backend failed ``op`` and this domain may fall back: skip the mirror,
+        write memory, and journal the keys for the write-back."""
         if self._secondary is not None:
             self._observer.secondary_skipped(self.domain, op)
         self._observer.fallback(self.domain, op, "write")
         result = self._call(self._memory, op, fn)  # type: ignore[arg-type]
+        self._journal_fallback(keys)
+        return result
+
+    def _journal_fallback(self, keys: Iterable[str]) -> None:
+        """Journal the keys of a write memory served instead of Redis, for the write-back."""
         if self._journal is not None:
             self._journal.record(self.domain, keys)
-        return result
 
     # -- plain values -----------------------------------------------------------------------------
     def get(self, key: str) -> Optional[str]:

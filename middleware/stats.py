@@ -49,9 +49,9 @@ class _DomainCounts:
 class RoutingStats:
     """Counts what the routed stores report, per domain, for this process.
 
-    A backend call, fallback or skipped mirror write is only queued (``deque.append`` needs no lock):
-    there are some 20 per callback. The queue is counted when it reaches ``FOLD_BATCH`` events and
-    before every read.
+    A backend call, fallback, skipped mirror write or refused call is only queued (``deque.append``
+    needs no lock): there are some 20 per callback. A queue is counted when it reaches
+    ``FOLD_BATCH`` events and before every read.
     """
 
     def __init__(self) -> None:
@@ -60,6 +60,9 @@ class RoutingStats:
         #: ``(domain, backend, outcome)`` of a call, ``(domain, _FALLBACK, kind)`` of a fallback and
         #: ``(domain, _SKIPPED, "")`` of a skipped mirror write.
         self._queue: deque[tuple[str, str, str]] = deque()
+        #: ``(domain, backend, kind, mirror_skipped)`` of a call memory served because the backend
+        #: refused it.
+        self._refusals: deque[tuple[str, str, str, bool]] = deque()
 
     def _counts(self, domain: str) -> _DomainCounts:
         counts = self._domains.get(domain)
@@ -79,6 +82,14 @@ class RoutingStats:
         """Queued: during an outage every mirrored write is skipped."""
         self._enqueue((domain, _SKIPPED, ""))
 
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
+        """Queued once, counted as a rejected call, a fallback, a memory call and maybe a skipped
+        mirror write."""
+        refusals = self._refusals
+        refusals.append((domain, backend, kind, mirror_skipped))
+        if len(refusals) >= FOLD_BATCH:
+            self._fold()
+
     def _enqueue(self, event: tuple[str, str, str]) -> None:
         queue = self._queue
         queue.append(event)
@@ -89,7 +100,14 @@ class RoutingStats:
         """Count the queued events: equal ones together (``Counter`` tallies them in C), then each
         distinct event once. Events queued meanwhile wait for the next fold."""
         with self._lock:
-            for (domain, backend, outcome), n in Counter(drain(self._queue)).items():
+            events = Counter(drain(self._queue))
+            for (domain, backend, kind, mirror_skipped), n in Counter(drain(self._refusals)).items():
+                events[domain, backend, REJECTED] += n
+                events[domain, _FALLBACK, kind] += n
+                events[domain, "memory", OK] += n
+                if mirror_skipped:
+                    events[domain, _SKIPPED, ""] += n
+            for (domain, backend, outcome), n in events.items():
                 counts = self._counts(domain)
                 if backend == _SKIPPED:
                     counts.secondary_skipped += n
@@ -131,6 +149,10 @@ class FanoutObserver:
     def fallback(self, domain: str, op: str, kind: str) -> None:
         for observer in self.observers:
             observer.fallback(domain, op, kind)
+
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
+        for observer in self.observers:
+            observer.refused(domain, backend, op, kind, seconds, mirror_skipped)
 
     def secondary_failure(self, domain: str, op: str) -> None:
         for observer in self.observers:

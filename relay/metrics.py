@@ -49,7 +49,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from config.phases import PHASES, DomainPlan
 from middleware.breaker import StateChangeListener
-from middleware.observer import DIFFERENT, ERROR, EXTRA, MATCH, MISSING, REJECTED, TIMEOUT, drain
+from middleware.observer import DIFFERENT, ERROR, EXTRA, MATCH, MISSING, OK, REJECTED, TIMEOUT, drain
 from relay.stores.base import Store, StoreError
 
 __all__ = ["CONTENT_TYPE_LATEST", "KeyCardinality", "LATENCY_BUCKETS", "StoreMetrics", "multiprocess_dir"]
@@ -424,6 +424,8 @@ class StoreMetrics:
         self._pending: deque[tuple[str, str, str, str, float]] = deque()
         #: Counter increments (instrument name, label values) waiting for the next ``fold``.
         self._counts: deque[tuple[str, tuple[str, ...]]] = deque()
+        #: Calls memory served because a backend refused them, waiting for the next ``fold``.
+        self._refusals: deque[tuple[str, str, str, str, float, bool]] = deque()
         self._fold_lock = threading.Lock()
         self._folder: Optional[threading.Thread] = None
         self._stop_folding = threading.Event()
@@ -449,8 +451,15 @@ class StoreMetrics:
         """
         with self._fold_lock:
             second = int(self._clock())
-            self._fold_calls(drain(self._pending), second)
-            increments = CountOf(drain(self._counts))
+            calls, counts = drain(self._pending), drain(self._counts)
+            for domain, backend, op, kind, seconds, mirror_skipped in drain(self._refusals):
+                calls.append((domain, backend, op, REJECTED, 0.0))
+                calls.append((domain, "memory", op, OK, seconds))
+                counts.append(("fallbacks", (domain, op, kind)))
+                if mirror_skipped:
+                    counts.append(("secondary_skipped", (domain, op)))
+            self._fold_calls(calls, second)
+            increments = CountOf(counts)
             fallbacks: CountOf[str] = CountOf()
             for (instrument, labels), count in increments.items():
                 getattr(self._i, instrument).labels(*labels).inc(count)
@@ -519,6 +528,15 @@ class StoreMetrics:
         most once a second per domain and operation, with the request's id."""
         self._counts.append(("fallbacks", (domain, op, kind)))
         self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
+
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
+        """Queued once; the next ``fold`` counts the rejected call, the memory call, the fallback and
+        the skipped mirror write. The fallback is logged as ``fallback`` logs it."""
+        refusals = self._refusals
+        refusals.append((domain, backend, op, kind, seconds, mirror_skipped))
+        self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
+        if len(refusals) >= FOLD_BATCH:
+            self.fold()
 
     def secondary_failure(self, domain: str, op: str) -> None:
         self._counts.append(("secondary_failures", (domain, op)))

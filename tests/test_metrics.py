@@ -479,3 +479,37 @@ def test_key_cardinality_counts_indexes_and_scans_prefixes_at_most_once_a_minute
     assert sampler.counts() == {("machines", "memory"): 3, ("idempotency", "memory"): 1}
     clock.now += 1
     assert sampler.counts()[("idempotency", "memory")] == 2
+
+
+def test_a_refused_call_counts_as_the_four_events_it_stands_for(
+    registry: CollectorRegistry, clock: Clock, store_logs: pytest.LogCaptureFixture
+) -> None:
+    """``refused`` is one report for a rejected call, a fallback, a memory call and a skipped mirror
+    write: the instruments, the rolling window and the log see what those four would have shown."""
+    refused = StoreMetrics(registry, clock=clock)
+    apart_registry = CollectorRegistry()
+    apart = StoreMetrics(apart_registry, clock=clock)
+
+    refused.refused("audit", "redis", "set", "write", 0.002, True)
+    refused.refused("audit", "redis", "get", "read", 0.001, False)
+    apart.operation("audit", "redis", "set", "rejected", 0.0)
+    apart.secondary_skipped("audit", "set")
+    apart.fallback("audit", "set", "write")
+    apart.operation("audit", "memory", "set", "ok", 0.002)
+    apart.operation("audit", "redis", "get", "rejected", 0.0)
+    apart.fallback("audit", "get", "read")
+    apart.operation("audit", "memory", "get", "ok", 0.001)
+    refused.fold()
+    apart.fold()
+
+    def samples(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in reg.collect()
+                for s in family.samples if s.name.startswith("relay_store_") and not s.name.endswith("_created")}
+
+    assert samples(registry) == samples(apart_registry)
+    assert value(registry, "relay_store_errors_total", backend="redis", domain="audit", op="set",
+                 outcome="rejected") == 1
+    assert value(registry, "relay_store_secondary_writes_skipped_total", domain="audit", op="set") == 1
+    assert refused.domain_summary("audit", "rampdown") == apart.domain_summary("audit", "rampdown")
+    logged = events(store_logs, "store_fallback")
+    assert [(r.op, r.kind) for r in logged] == [("set", "write"), ("get", "read")] * 2

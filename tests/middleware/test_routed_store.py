@@ -16,7 +16,7 @@ from middleware.routing import StoreRouter
 from middleware.shadow import ShadowComparer
 from middleware.writeback import Reconciler, WriteBackJournal, copy_newer
 from relay.domains import idempotency
-from relay.stores.base import StoreUnavailable
+from relay.stores.base import StoreError, StoreUnavailable
 from relay.stores.envelope import iso_ms
 from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
@@ -37,6 +37,15 @@ class Recorder:
 
     def fallback(self, domain: str, op: str, kind: str) -> None:
         self.events["fallback", op, kind] += 1
+
+    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
+        """Counted as itself and as the four events it stands for."""
+        self.events["refused", backend, op, kind] += 1
+        self.operation(domain, backend, op, "rejected", 0.0)
+        self.fallback(domain, op, kind)
+        self.operation(domain, "memory", op, "ok", seconds)
+        if mirror_skipped:
+            self.secondary_skipped(domain, op)
 
     def secondary_failure(self, domain: str, op: str) -> None:
         self.events["secondary_failure", op] += 1
@@ -325,6 +334,9 @@ def test_while_the_breaker_refuses_a_domain_with_fallback_goes_straight_to_memor
         assert events["op", "redis", "set", "rejected"] == 2 and events["op", "redis", "get", "rejected"] == 1
         assert events["fallback", "set", "write"] == 2 and events["fallback", "get", "read"] == 1
         assert events["secondary_skipped", "set"] == 2
+        assert events["op", "memory", "set", "ok"] == 2 and events["op", "memory", "get", "ok"] == 1
+        # each refused call was one report to the observer
+        assert events["refused", "redis", "set", "write"] == 2 and events["refused", "redis", "get", "read"] == 1
         assert refusing.breaker.rejected == 3 and refusing.counters.snapshot()["errors"] == 3
         # nothing was sent to Redis (the INFO call itself is the one command counted)
         assert int(inspect.info("stats")["total_commands_processed"]) == commands_before + 1
@@ -332,5 +344,27 @@ def test_while_the_breaker_refuses_a_domain_with_fallback_goes_straight_to_memor
         without_fallback = RoutedStore("audit", PRESETS["redis-primary"], backends, rig.observer, journal=rig.journal)
         with pytest.raises(StoreUnavailable):
             without_fallback.set(PREFIX + "other", envelope({"n": 2}, 1000))
+    finally:
+        refusing.close()
+
+
+def test_a_refused_call_that_memory_fails_too_is_reported_event_by_event(rig: Rig) -> None:
+    refusing = RedisStore(rig.server.url, breaker=GuardedBreaker(fail_max=1, reset_timeout=60),
+                          socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
+    try:
+        assert refusing.breaker is not None
+        refusing.breaker.open()
+        full = MemoryStore(max_keys=1)
+        full.set(PREFIX + "taken", "x")
+        store = RoutedStore("audit", PRESETS["rampdown"], {"memory": full, "redis": refusing}, rig.observer,
+                            journal=rig.journal)
+        with pytest.raises(StoreError):
+            store.set(PREFIX + "k", envelope({"n": 0}, 900))
+        events = rig.observer.events
+        assert events["refused", "redis", "set", "write"] == 0
+        assert events["op", "redis", "set", "rejected"] == 1 and events["secondary_skipped", "set"] == 1
+        assert events["fallback", "set", "write"] == 1 and events["op", "memory", "set", "error"] == 1
+        assert events["op", "memory", "set", "ok"] == 0
+        assert rig.journal.keys() == {}  # nothing was written, so nothing waits for the write-back
     finally:
         refusing.close()

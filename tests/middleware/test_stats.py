@@ -1,7 +1,7 @@
 """RoutingStats: per-process counts for ``/ops/store``, queued per call and counted on read."""
 from __future__ import annotations
 
-from middleware.observer import ERROR, OK, TIMEOUT
+from middleware.observer import ERROR, OK, REJECTED, TIMEOUT
 from middleware.stats import FOLD_BATCH, RoutingStats
 from tests.support.helpers import race
 
@@ -46,3 +46,18 @@ def test_no_call_is_lost_between_threads() -> None:
 
     race(8, report)
     assert stats.snapshot("inflight")["ok"] == 8 * per_thread
+
+
+def test_a_refused_call_counts_as_a_rejection_a_fallback_a_memory_call_and_a_skipped_mirror() -> None:
+    stats = RoutingStats()
+    stats.refused("audit", "redis", "set", "write", 0.0001, True)
+    stats.refused("audit", "redis", "set", "write", 0.0001, True)
+    stats.refused("audit", "redis", "get", "read", 0.0001, False)
+    stats.operation("audit", "memory", "get", OK, 0.0001)
+
+    audit = stats.snapshot("audit")
+
+    assert audit["operations"] == {"redis": {REJECTED: 3}, "memory": {OK: 4}}
+    assert (audit["ok"], audit["rejected"]) == (4, 3)
+    assert audit["fallbacks"] == {"read": 1, "write": 2}
+    assert audit["secondarySkipped"] == 2
