@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from relay.domains.inflight import InflightCommands
 from relay.domains.locale import UserLocales
 from relay.domains.machines import MachineRegistry
 from relay.jsontext import compact
+from relay.locks import compute_lock
 from relay.domains.ratelimit import RateLimiter
 from relay.domains.templates import RetryTemplates
 from relay.stores.base import StoreError
@@ -63,7 +63,8 @@ class AuditTrail:
     def __init__(self, index: AuditIndex, log_path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.index = index
         self.path: Optional[Path] = Path(log_path).resolve() if log_path else None
-        self._file_lock = threading.Lock()
+        #: Held around file calls that block without yielding (``os.write``, ``os.open``, ``os.stat``).
+        self._file_lock = compute_lock()
         self._clock = clock
         self._fd: Optional[int] = None
         self._checked_at = 0.0

@@ -8,13 +8,13 @@ call scans the whole key space.
 from __future__ import annotations
 
 import heapq
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Optional, Union
 
 from sortedcontainers import SortedList
 
+from relay.locks import compute_lock
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
     Store,
@@ -86,7 +86,8 @@ class MemoryStore(Store):
     ) -> None:
         super().__init__(max_value_bytes)
         self._clock = clock
-        self._lock = threading.Lock()
+        #: Every operation is computation only, so under gevent the lock is the OS thread's.
+        self._lock = compute_lock()
         self._data: dict[str, Value] = {}
         self._expires: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []

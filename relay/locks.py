@@ -1,0 +1,23 @@
+"""Locks that stay OS-thread locks under gevent's monkey-patching.
+
+gunicorn's gevent worker patches ``threading``, so ``threading.Lock()`` makes gevent's lock, whose
+``acquire`` is a Python-level call. For a lock that guards only computation (no I/O, no waiting
+and no call that might switch greenlets while it is held) the OS lock does the same job: greenlets
+switch only where one waits, so they never find such a lock taken, while real threads (gunicorn's
+gthread worker, the tests) do and are serialised by it. A lock held across anything that may yield
+(a socket send, a ``sleep``, another gevent lock) must stay gevent's: a greenlet waiting for an OS
+lock would block every other greenlet, the holder included.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+
+def compute_lock() -> Any:
+    """A new lock for a section that never yields: the OS thread lock, also under gevent."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return monkey.get_original("_thread", "allocate_lock")()
+    return threading.Lock()
