@@ -19,6 +19,7 @@
 * Atomic operations (reserve, compare-and-set, increment, locks, trims) are
   decided by the authoritative backend; their effect is mirrored to the other.
 
+With memory the only backend configured (no Redis), a call goes straight to it.
 Every backend call is timed and reported to the ``StoreObserver``.
 """
 from __future__ import annotations
@@ -88,6 +89,10 @@ class RoutedStore(Store):
         #: decides and serves everything, nothing is mirrored, copied or shadow-read.
         self.batching = (plan.backend == "redis" and plan.read_preference == "redis" and plan.secondary is None
                          and pull_from is None and self._shadow is None)
+        #: The only backend configured serves everything: nothing to fall back to, mirror, settle, pull
+        #: or compare, so a call goes straight to it (still timed and reported).
+        self._alone = (len(backends) == 1 and self._secondary is None and self._reader is self._auth
+                       and self._shadow is None and pull_from is None)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _pull(self, *keys: str) -> None:
@@ -236,6 +241,8 @@ class RoutedStore(Store):
 
     def _read(self, op: str, fn: Callable[[Store], T], shadow_key: Optional[str] = None,
               keys: Sequence[str] = ()) -> T:
+        if self._alone:
+            return self._call(self._auth, op, fn)
         if self._refused(self._reader):
             return self._serve_refused(self._reader, op, "read", fn)
         try:
@@ -256,6 +263,8 @@ class RoutedStore(Store):
     def _write(self, op: str, fn: Callable[[Store], T], mirror: Optional[Callable[[Store, T], Any]] = None,
                keys: Iterable[str] = ()) -> T:
         """Run ``fn`` on the authoritative backend, then ``mirror`` (default: ``fn``) on the other."""
+        if self._alone:
+            return self._call(self._auth, op, fn)
         keys = list(keys)
         if self._refused(self._auth):
             result = self._serve_refused(self._auth, op, "write", fn)

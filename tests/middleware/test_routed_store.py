@@ -368,3 +368,29 @@ def test_a_refused_call_that_memory_fails_too_is_reported_event_by_event(rig: Ri
         assert rig.journal.keys() == {}  # nothing was written, so nothing waits for the write-back
     finally:
         refusing.close()
+
+
+def test_with_memory_the_only_backend_each_call_goes_straight_to_it_and_is_reported(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = MemoryStore()
+    observer = Recorder()
+    journal = WriteBackJournal()
+
+    def no_journal(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("nothing can be journalled with one backend")
+
+    monkeypatch.setattr(journal, "has", no_journal)
+    monkeypatch.setattr(journal, "record", no_journal)
+    store = RoutedStore("audit", PRESETS["memory"], {"memory": memory}, observer, ShadowComparer(observer), journal)
+
+    store.set(PREFIX + "k", envelope({"n": 1}, 1000))
+    assert store.set_if_absent(PREFIX + "k", "other") is False
+    assert store.get(PREFIX + "k") == envelope({"n": 1}, 1000)
+    store.index_add(PREFIX + "i", {"a": 1.0})
+    assert store.index_range(PREFIX + "i") == [("a", 1.0)]
+    assert store.delete(PREFIX + "k") == 1
+
+    assert memory.get(PREFIX + "k") is None and memory.index_count(PREFIX + "i") == 1
+    assert observer.events == Counter({("op", "memory", op, "ok"): 1 for op in
+                                       ("set", "set_if_absent", "get", "index_add", "index_range", "delete")})
