@@ -7,7 +7,10 @@ import re
 
 import pytest
 
+from relay.stores.domain import Domain, DomainStore
+from relay.stores.envelope import EnvelopeSchema, ScalarSchema
 from relay.stores.keys import MAX_ESCAPED_ID, KeySpace, escape_id
+from relay.stores.memory import MemoryStore
 
 ESCAPED = re.compile(r"%|[A-Za-z0-9._%-]+|~[0-9a-f]{64}")
 
@@ -84,3 +87,12 @@ def test_app_env_and_domain_segments_are_validated(segment: str) -> None:
         KeySpace(env=segment)
     with pytest.raises(ValueError):
         KeySpace().key(segment, "id")
+
+
+@pytest.mark.parametrize("colocated", [False, True])
+@pytest.mark.parametrize("raw", ["abc-DEF_1.2", "a:b", "{x}", "名", "", "x" * 300])
+def test_a_domain_store_builds_the_key_space_keys_of_its_domain(colocated: bool, raw: str) -> None:
+    keys = KeySpace("relay", "test")
+    store = DomainStore(MemoryStore(), keys, Domain("audit", EnvelopeSchema(1, ScalarSchema()), colocated))
+    assert store.key(raw) == keys.key("audit", raw, colocated)
+    assert store.index_key(raw) == keys.index_key("audit", raw, colocated)
