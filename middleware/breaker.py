@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -22,6 +21,8 @@ from typing import Any, Optional, TypeVar
 
 import pybreaker
 from pybreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitBreakerError
+
+from relay.locks import compute_lock
 
 T = TypeVar("T")
 
@@ -42,8 +43,9 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
         super().__init__(*args, **kwargs)
         self._trial_running = False
         self._rejected = 0
-        #: Counts only, so not pybreaker's reentrant lock (``refuse_now`` runs for every refused call).
-        self._rejected_lock = threading.Lock()
+        #: Counts only, so not pybreaker's reentrant lock, and the OS thread's lock also under gevent
+        #: (``refuse_now`` runs for every refused call).
+        self._rejected_lock = compute_lock()
         self._reopen_cache: Optional[tuple[Optional[datetime], float]] = None
 
     # -- what telemetry reads --------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from middleware.observer import StoreObserver
+from relay.locks import compute_lock
 from relay.stores.base import Store, StoreError
 from relay.stores.envelope import raw_updated_at_ms
 
@@ -189,7 +190,9 @@ class WriteBackJournal:
     """
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self._lock = threading.Lock()
+        #: Held only to read and change the dicts (waiting is on a key's ``Event``, outside it), so the
+        #: OS thread's lock also under gevent: during an outage every write is recorded.
+        self._lock = compute_lock()
         self._pending: dict[str, dict[str, list[Task]]] = {}
         self._busy: dict[tuple[str, str], threading.Event] = {}
         self._busy_domains: dict[str, int] = {}
