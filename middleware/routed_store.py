@@ -93,6 +93,12 @@ class RoutedStore(Store):
         #: or compare, so a call goes straight to it (still timed and reported).
         self._alone = (len(backends) == 1 and self._secondary is None and self._reader is self._auth
                        and self._shadow is None and pull_from is None)
+        #: Whether memory serves what the reader or the authoritative backend fails. While such a
+        #: backend's breaker refuses calls (``refuses_calls``), a call falls back without being built
+        #: (no journal settling, no Redis attempt, no exception), so an outage costs little more than
+        #: memory mode; the half-open trial still goes through.
+        self._reader_falls_back = self._can_fall_back(self._reader)
+        self._auth_falls_back = self._can_fall_back(self._auth)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _pull(self, *keys: str) -> None:
@@ -174,7 +180,7 @@ class RoutedStore(Store):
 
     @property
     def fallback_to_memory(self) -> bool:
-        return self._can_fall_back(self._auth)
+        return self._auth_falls_back
 
     def report(self, op: str, error: Optional[StoreError], seconds: float) -> None:
         """One call of a round trip the unit of work made for this store."""
@@ -213,12 +219,6 @@ class RoutedStore(Store):
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)
 
-    def _refused(self, backend: Store) -> bool:
-        """``True`` when ``backend`` may fall back to memory and its breaker refuses calls now: the
-        call falls back without being built (no journal settling, no Redis attempt, no exception),
-        so an outage costs little more than memory mode. The half-open trial still goes through."""
-        return self._can_fall_back(backend) and backend.refuses_calls()
-
     def _serve_refused(self, backend: Store, op: str, kind: str, fn: Callable[[Store], T]) -> T:
         """Memory serves ``op``, which ``backend`` refused; the observer hears of it once
         (``StoreObserver.refused``), or event by event when memory fails too."""
@@ -243,12 +243,12 @@ class RoutedStore(Store):
               keys: Sequence[str] = ()) -> T:
         if self._alone:
             return self._call(self._auth, op, fn)
-        if self._refused(self._reader):
+        if self._reader_falls_back and self._reader.refuses_calls():
             return self._serve_refused(self._reader, op, "read", fn)
         try:
             result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
         except StoreError:
-            if not self._can_fall_back(self._reader):
+            if not self._reader_falls_back:
                 raise
             return self._read_fallback(op, fn)
         if self._shadow is not None and self._sample() < self.plan.shadow_sample_rate:
@@ -266,14 +266,14 @@ class RoutedStore(Store):
         if self._alone:
             return self._call(self._auth, op, fn)
         keys = list(keys)
-        if self._refused(self._auth):
+        if self._auth_falls_back and self._auth.refuses_calls():
             result = self._serve_refused(self._auth, op, "write", fn)
             self._journal_fallback(keys)
             return result
         try:
             result = self._call(self._auth, op, self._prepared(self._auth, keys, fn))
         except StoreError:
-            if not self._can_fall_back(self._auth):
+            if not self._auth_falls_back:
                 if self._secondary is not None:
                     self._observer.secondary_skipped(self.domain, op)
                 raise

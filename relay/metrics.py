@@ -527,14 +527,14 @@ class StoreMetrics:
         """Counted at the next ``fold`` (during an outage every store call falls back); logged now, at
         most once a second per domain and operation, with the request's id."""
         self._counts.append(("fallbacks", (domain, op, kind)))
-        self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
+        self._log_fallback(domain, op, kind)
 
     def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
         """Queued once; the next ``fold`` counts the rejected call, the memory call, the fallback and
         the skipped mirror write. The fallback is logged as ``fallback`` logs it."""
         refusals = self._refusals
         refusals.append((domain, backend, op, kind, seconds, mirror_skipped))
-        self._log_throttled(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, kind=kind)
+        self._log_fallback(domain, op, kind)
         if len(refusals) >= FOLD_BATCH:
             self.fold()
 
@@ -672,12 +672,24 @@ class StoreMetrics:
 
     def _log_throttled(self, level: int, message: str, event: str, domain: str, op: str, **fields: Any) -> None:
         suppressed = self._throttle.admit((event, domain, op))
-        if suppressed is None:
-            return
-        extra = {"event": event, "domain": domain, "op": op, **fields}
-        if suppressed:
-            extra["suppressed"] = suppressed
-        log.log(level, message, extra=extra)
+        if suppressed is not None:
+            _log(level, message, event, domain, op, suppressed, fields)
+
+    def _log_fallback(self, domain: str, op: str, kind: str) -> None:
+        """``_log_throttled`` of the fallback line, which during an outage every store call asks for:
+        a line held back costs the ``admit`` only."""
+        suppressed = self._throttle.admit(("store_fallback", domain, op))
+        if suppressed is not None:
+            _log(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, suppressed,
+                 {"kind": kind})
+
+
+def _log(level: int, message: str, event: str, domain: str, op: str, suppressed: int,
+         fields: Mapping[str, Any]) -> None:
+    extra = {"event": event, "domain": domain, "op": op, **fields}
+    if suppressed:
+        extra["suppressed"] = suppressed
+    log.log(level, message, extra=extra)
 
 
 # -- key cardinality ------------------------------------------------------------------------------
