@@ -1,0 +1,42 @@
+"""Scheduling under gunicorn's gevent worker (``config/gunicorn.py``)."""
+from __future__ import annotations
+
+import json
+import socket
+
+import requests
+
+from tests.support.live_relay import live_relay
+
+PIPELINED = 20
+
+
+def _request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+def _read_responses(sock: socket.socket, count: int) -> None:
+    received = b""
+    while received.count(b"HTTP/1.1 200") < count or not received.endswith(b"ok"):
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        received += chunk
+
+
+def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_others() -> None:
+    """Client A pipelines 20 requests, then client B sends one. Without a yield between requests the
+    worker serves all of A's, already in its buffer, before B's; with it, B's comes within the first few."""
+    with live_relay("tests.support.order_app:app") as relay:
+        a = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        b = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        try:
+            a.sendall(b"".join(_request(f"/hit/a{i}") for i in range(PIPELINED)))
+            b.sendall(_request("/hit/b"))
+            _read_responses(b, 1)
+            _read_responses(a, PIPELINED)
+        finally:
+            a.close()
+            b.close()
+        order = json.loads(requests.get(relay.url("/order"), timeout=5).text)
+    assert sorted(order) == sorted([f"a{i}" for i in range(PIPELINED)] + ["b"])
+    assert order.index("b") <= 3, order

@@ -1,0 +1,25 @@
+"""A WSGI app that records the order it handles requests in, for tests of the server's scheduling.
+
+``GET /healthz`` answers 200 (what ``live_relay`` waits for); ``GET /hit/<name>`` records ``name``;
+``GET /order`` answers the names recorded so far, as a JSON list, in the order they were handled.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+handled: list[str] = []
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/hit/"):
+        handled.append(path[len("/hit/"):])
+        body = b"ok"
+    elif path == "/order":
+        body = json.dumps(handled).encode()
+    else:
+        body = b"ok"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
