@@ -131,8 +131,8 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """Under gevent, let every other ready greenlet run before this keep-alive connection's next
     request. A request already waiting in the socket would otherwise be read and served at once,
     so under saturation the quickest clients are served again and again while the others wait:
-    on the callback benchmark, p50 1 to 7 ms but p95 70 ms and p99 100 ms, against 31, 33 and 36
-    to 53 ms with the yield, for about 2.5 % more CPU per callback (``README.md``, Performance)."""
+    on the callback benchmark, p95 67 to 75 ms and p99 94 to 122 ms, against 33 to 35 and 36 to
+    53 ms with the yield, for 2.5 to 7 % more CPU per callback (``README.md``, Performance)."""
     if worker_class == "gevent":
         from gevent import sleep
 
