@@ -398,7 +398,7 @@ class RedisStore(Store):
         if self.breaker is None or not self.breaker.refuse_now():
             return False
         self.counters.add("errors")
-        self._health.failed(_REFUSED, False)
+        self._health.failed(_REFUSED, reachable=False)
         return True
 
     @property
