@@ -1,27 +1,26 @@
-"""In-process routing counters for ``GET /ops/store``, and a fan-out to several observers.
+"""In-process routing counters for ``GET /ops/store``.
 
-``RoutingStats`` is a ``StoreObserver`` that counts, per domain, backend calls by
-outcome, fallbacks, secondary-write failures and skips, and write-backs. The counts
-are this process's own since it started (each gunicorn worker keeps its own);
-Prometheus (``relay/metrics.py``) is where totals across processes live.
-``FanoutObserver`` hands every report to each observer it wraps, so these counters
-and the metrics can watch the same routed stores.
+``RoutingStats`` counts, per domain, backend calls by outcome, fallbacks, secondary-write
+failures and skips, and write-backs. The counts are this process's own since it started (each
+gunicorn worker keeps its own); Prometheus (``relay/metrics.py``) is where totals across
+processes live.
+
+It is not a ``StoreObserver`` of its own: the routed stores report to ``StoreMetrics``, which
+queues each event once and, when it folds its queue, hands the events to ``count`` as well
+(``StoreMetrics.add_fold_listener``). ``snapshot`` asks for a fold first (``refresh``), so a read
+sees every event reported before it.
 """
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from middleware.observer import ERROR, OK, REJECTED, TIMEOUT, StoreObserver, drain
+from middleware.observer import ERROR, OK, REJECTED, TIMEOUT
 
-#: Events queued before they are counted without a read.
-FOLD_BATCH = 512
-#: Queue markers (in a backend's place) of a fallback and of a skipped mirror write; no backend has
-#: these names.
-_FALLBACK = "<fallback>"
-_SKIPPED = "<skipped>"
+#: The counter increments of a fold that ``RoutingStats`` counts (``relay.metrics`` instrument names).
+_COUNTED = frozenset({"fallbacks", "secondary_failures", "secondary_skipped", "writebacks"})
 
 
 class _DomainCounts:
@@ -47,22 +46,15 @@ class _DomainCounts:
 
 
 class RoutingStats:
-    """Counts what the routed stores report, per domain, for this process.
+    """Counts what the routed stores reported, per domain, for this process.
 
-    A backend call, fallback, skipped mirror write or refused call is only queued (``deque.append``
-    needs no lock): there are some 20 per callback. A queue is counted when it reaches
-    ``FOLD_BATCH`` events and before every read.
+    ``refresh``: called before every read to hand over what is still queued (``StoreMetrics.fold``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refresh: Callable[[], None] = lambda: None) -> None:
+        self._refresh = refresh
         self._lock = threading.Lock()
         self._domains: dict[str, _DomainCounts] = {}
-        #: ``(domain, backend, outcome)`` of a call, ``(domain, _FALLBACK, kind)`` of a fallback and
-        #: ``(domain, _SKIPPED, "")`` of a skipped mirror write.
-        self._queue: deque[tuple[str, str, str]] = deque()
-        #: ``(domain, backend, kind, mirror_skipped)`` of a call memory served because the backend
-        #: refused it.
-        self._refusals: deque[tuple[str, str, str, bool]] = deque()
 
     def _counts(self, domain: str) -> _DomainCounts:
         counts = self._domains.get(domain)
@@ -70,102 +62,31 @@ class RoutingStats:
             counts = self._domains[domain] = _DomainCounts()
         return counts
 
-    # -- StoreObserver ----------------------------------------------------------------------------
-    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        self._enqueue((domain, backend, outcome))
-
-    def fallback(self, domain: str, op: str, kind: str) -> None:
-        """Queued like a call: during an outage every store call falls back."""
-        self._enqueue((domain, _FALLBACK, kind))
-
-    def secondary_skipped(self, domain: str, op: str) -> None:
-        """Queued: during an outage every mirrored write is skipped."""
-        self._enqueue((domain, _SKIPPED, ""))
-
-    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
-        """Queued once, counted as a rejected call, a fallback, a memory call and maybe a skipped
-        mirror write."""
-        refusals = self._refusals
-        refusals.append((domain, backend, kind, mirror_skipped))
-        if len(refusals) >= FOLD_BATCH:
-            self._fold()
-
-    def _enqueue(self, event: tuple[str, str, str]) -> None:
-        queue = self._queue
-        queue.append(event)
-        if len(queue) >= FOLD_BATCH:
-            self._fold()
-
-    def _fold(self) -> None:
-        """Count the queued events: equal ones together (``Counter`` tallies them in C), then each
-        distinct event once. Events queued meanwhile wait for the next fold."""
+    def count(self, calls: Sequence[tuple[str, str, str, str, float]],
+              increments: Mapping[tuple[str, tuple[str, ...]], int]) -> None:
+        """Count one fold's events (``relay.metrics.FoldListener``): the calls ``(domain, backend, op,
+        outcome, seconds)``, equal ones tallied together, and the counter increments of fallbacks,
+        mirror failures and skips, and write-backs."""
         with self._lock:
-            events = Counter(drain(self._queue))
-            for (domain, backend, kind, mirror_skipped), n in Counter(drain(self._refusals)).items():
-                events[domain, backend, REJECTED] += n
-                events[domain, _FALLBACK, kind] += n
-                events[domain, "memory", OK] += n
-                if mirror_skipped:
-                    events[domain, _SKIPPED, ""] += n
-            for (domain, backend, outcome), n in events.items():
-                counts = self._counts(domain)
-                if backend == _SKIPPED:
-                    counts.secondary_skipped += n
-                    continue
-                tally = counts.fallbacks if backend == _FALLBACK else counts.operations.setdefault(backend, {})
+            for (domain, backend, outcome), n in Counter((c[0], c[1], c[3]) for c in calls).items():
+                tally = self._counts(domain).operations.setdefault(backend, {})
                 tally[outcome] = tally.get(outcome, 0) + n
+            for (instrument, labels), n in increments.items():
+                if instrument not in _COUNTED:
+                    continue
+                counts = self._counts(labels[0])
+                if instrument == "fallbacks":
+                    counts.fallbacks[labels[2]] = counts.fallbacks.get(labels[2], 0) + n
+                elif instrument == "secondary_failures":
+                    counts.secondary_failures += n
+                elif instrument == "secondary_skipped":
+                    counts.secondary_skipped += n
+                elif instrument == "writebacks":
+                    counts.writeback[labels[1]] = counts.writeback.get(labels[1], 0) + n
 
-    def secondary_failure(self, domain: str, op: str) -> None:
-        with self._lock:
-            self._counts(domain).secondary_failures += 1
-
-    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
-        """Shadow results are counted by the ``ShadowComparer`` itself (``router.describe()``)."""
-
-    def writeback(self, domain: str, outcome: str) -> None:
-        with self._lock:
-            writeback = self._counts(domain).writeback
-            writeback[outcome] = writeback.get(outcome, 0) + 1
-
-    # -- reading ----------------------------------------------------------------------------------
     def snapshot(self, domain: str) -> dict[str, Any]:
         """The counts of one domain (zeros when nothing was reported yet)."""
-        self._fold()
+        self._refresh()
         with self._lock:
             counts = self._domains.get(domain) or _DomainCounts()
             return counts.as_dict()
-
-
-class FanoutObserver:
-    """Reports every event to each of ``observers`` in order."""
-
-    def __init__(self, observers: Sequence[StoreObserver]) -> None:
-        self.observers = tuple(observers)
-
-    def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
-        for observer in self.observers:
-            observer.operation(domain, backend, op, outcome, seconds)
-
-    def fallback(self, domain: str, op: str, kind: str) -> None:
-        for observer in self.observers:
-            observer.fallback(domain, op, kind)
-
-    def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
-        for observer in self.observers:
-            observer.refused(domain, backend, op, kind, seconds, mirror_skipped)
-
-    def secondary_failure(self, domain: str, op: str) -> None:
-        for observer in self.observers:
-            observer.secondary_failure(domain, op)
-
-    def secondary_skipped(self, domain: str, op: str) -> None:
-        for observer in self.observers:
-            observer.secondary_skipped(domain, op)
-
-    def shadow(self, domain: str, outcome: str, key: Optional[str] = None, detail: Optional[str] = None) -> None:
-        for observer in self.observers:
-            observer.shadow(domain, outcome, key, detail)
-
-    def writeback(self, domain: str, outcome: str) -> None:
-        for observer in self.observers:
-            observer.writeback(domain, outcome)

@@ -17,7 +17,7 @@ from flask import Flask, g
 from config.settings import Settings, load_settings
 from middleware.flags import RuntimeFlags
 from middleware.routing import StoreRouter
-from middleware.stats import FanoutObserver, RoutingStats
+from middleware.stats import RoutingStats
 from relay.agents.auth import AgentAuth
 from relay.agents.bus import AgentBus
 from relay.agents.channel import register_agent_channel
@@ -118,10 +118,10 @@ def create_app(
 
     backend_map = dict(backends) if backends is not None else build_backends(settings)
     keys = KeySpace(settings.store_app, settings.store_env)
-    store_stats = RoutingStats()
     store_metrics = StoreMetrics()
-    router = StoreRouter(keys, DOMAINS, backend_map, settings.plans,
-                         observer=FanoutObserver([store_stats, store_metrics]))
+    store_stats = RoutingStats(refresh=store_metrics.fold)
+    store_metrics.add_fold_listener(store_stats.count)
+    router = StoreRouter(keys, DOMAINS, backend_map, settings.plans, observer=store_metrics)
     flags = RuntimeFlags(settings, router, on_change=store_metrics.flags_changed)
     flags.load()
     store_metrics.set_plans(router.plans)

@@ -381,6 +381,14 @@ def _plan_flags(plan: DomainPlan) -> dict[str, float]:
 
 
 # -- the observer ---------------------------------------------------------------------------------
+#: What a fold hands its listeners: the calls ``(domain, backend, op, outcome, seconds)`` and the
+#: counter increments ``{(instrument, label values): count}`` (instruments ``fallbacks``
+#: ``(domain, op, kind)``, ``secondary_failures`` and ``secondary_skipped`` ``(domain, op)``,
+#: ``writebacks`` ``(domain, outcome)``), a refused call already counted as the four it stands for.
+FoldListener = Callable[
+    [Sequence[tuple[str, str, str, str, float]], Mapping[tuple[str, tuple[str, ...]], int]], None]
+
+
 class StoreMetrics:
     """The ``StoreObserver`` behind ``/metrics/prometheus``, ``store.domains`` and the store logs.
 
@@ -426,6 +434,7 @@ class StoreMetrics:
         self._counts: deque[tuple[str, tuple[str, ...]]] = deque()
         #: Calls memory served because a backend refused them, waiting for the next ``fold``.
         self._refusals: deque[tuple[str, str, str, str, float, bool]] = deque()
+        self._fold_listeners: list[FoldListener] = []
         self._fold_lock = threading.Lock()
         self._folder: Optional[threading.Thread] = None
         self._stop_folding = threading.Event()
@@ -438,9 +447,15 @@ class StoreMetrics:
         if len(pending) >= FOLD_BATCH:
             self.fold()
 
+    def add_fold_listener(self, listener: FoldListener) -> None:
+        """Hand every fold's events to ``listener`` as well (``RoutingStats``, the counts of
+        ``/ops/store``): one queue per store call serves both."""
+        self._fold_listeners.append(listener)
+
     def fold(self) -> None:
         """Add the queued calls to the latency histogram, the error and timeout counters and the
-        rolling windows, and the queued fallbacks and mirror failures to their counters.
+        rolling windows, the queued fallbacks, mirror failures and write-backs to their counters,
+        and hand them to the fold listeners.
 
         In multiprocess mode each ``Histogram.observe`` takes prometheus_client's process-wide lock,
         calls ``getpid`` and writes the metrics file twice; at some 25 store calls per callback that
@@ -467,6 +482,8 @@ class StoreMetrics:
                     fallbacks[labels[0]] += count
             for domain, count in fallbacks.items():
                 self._window(domain).fallbacks(second, count)
+            for listener in self._fold_listeners:
+                listener(calls, increments)
         self.sync()
 
     def _fold_calls(self, calls: list[tuple[str, str, str, str, float]], second: int) -> None:
@@ -555,7 +572,8 @@ class StoreMetrics:
                                 outcome, outcome=outcome, keyHash=redact_key(key), fields=_safe_detail(detail))
 
     def writeback(self, domain: str, outcome: str) -> None:
-        self._i.writebacks.labels(domain, outcome).inc()
+        """Counted at the next ``fold``."""
+        self._counts.append(("writebacks", (domain, outcome)))
 
     # -- breaker, retries, flags ----------------------------------------------------------------------
     def watch_breaker(self, breaker: pybreaker.CircuitBreaker) -> None:
