@@ -113,12 +113,13 @@ class LocalSentinel:
         return self.primary_port()
 
     def settle(self, timeout_s: float = 30.0) -> int:
-        """Wait until the sentinels agree on the primary and every replica has caught up with it (a
-        former primary included); return the primary's port."""
+        """Wait until the sentinels agree on the primary, every replica has caught up with it (a
+        former primary included), and every sentinel has seen each replica report itself as one;
+        return the primary's port."""
 
         def settled() -> bool:
             seen = {self._primary_seen_by(port) for port in self.sentinel_ports}
-            return len(seen) == 1 and self._replicas_caught_up(seen.pop())
+            return len(seen) == 1 and self._replicas_caught_up(seen.pop()) and self._replicas_known_as_replicas()
 
         self._wait(settled, "the setup did not settle", timeout_s)
         return self.primary_port()
@@ -216,6 +217,20 @@ class LocalSentinel:
             caught_up = int(node.execute_command("WAIT", self.replica_count, 1000)) >= self.replica_count
             node.delete("sentinel-fixture:sync")
             return caught_up
+
+    def _replicas_known_as_replicas(self) -> bool:
+        """Every sentinel's last ``INFO`` of every replica, which it asks for every 10 s, reported a
+        replica. A sentinel still holding a former primary's last report as a master takes that
+        node's promotion in the next failover for a stale master, converts it back to a replica
+        while the promotion runs, and the failover ends in ``-failover-abort-slave-timeout``."""
+        for port in self.sentinel_ports:
+            with self.node_client(port, socket_timeout=1) as sentinel:
+                replicas = sentinel.sentinel_slaves(MASTER_NAME)
+            if len(replicas) < self.replica_count or any(
+                    replica.get("role-reported") != "slave" or replica.get("is_sdown") or replica.get("is_disconnected")
+                    for replica in replicas):
+                return False
+        return True
 
     def _primary_seen_by(self, sentinel_port: int) -> int:
         """The primary in the sentinel's configuration (``SENTINEL MASTERS``, what clients are told;
