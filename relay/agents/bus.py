@@ -27,7 +27,6 @@ other processes fail at once (their answers could not reach it).
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -42,7 +41,7 @@ import redis
 
 from relay.agents.bus_link import HEALTH_CHECK_S, Publisher, open_subscription
 from relay.agents.sessions import SessionRegistry
-from relay.jsontext import compact
+from relay.jsontext import compact_bytes, parse
 from relay.stores.keys import KeySpace
 from relay.stores.redis_connect import ClientOptions
 
@@ -241,8 +240,7 @@ class AgentBus:
         publisher = self._publisher
         if publisher is None:
             raise redis.ConnectionError("the bus is not started")
-        text = compact(message)
-        return publisher.publish(self.channel_of(instance_id), text)
+        return publisher.publish(self.channel_of(instance_id), compact_bytes(message))
 
     # -- receiving --------------------------------------------------------------------------------
     def _listen(self) -> None:
@@ -276,7 +274,7 @@ class AgentBus:
 
     def _on_message(self, data: str) -> None:
         try:
-            message = json.loads(data)
+            message = parse(data)
             kind = message["type"]
         except (ValueError, TypeError, KeyError):
             log.warning("unreadable bus message ignored", extra={"event": "bus_message_invalid"})

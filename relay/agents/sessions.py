@@ -26,7 +26,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
 from relay.agents.protocol import AgentConnection
-from relay.jsontext import compact, compact_ascii
+from relay.jsontext import compact_ascii, compact_bytes
 
 log = logging.getLogger("relay.agents")
 
@@ -309,7 +309,7 @@ def _json_payload(frame: dict[str, Any]) -> bytes:
     may send ``"\\ud800"``, and traces echo agent text) cannot be UTF-8 encoded, so such a frame is
     escaped."""
     try:
-        return compact(frame).encode("utf-8")
+        return compact_bytes(frame)
     except UnicodeEncodeError:
         return compact_ascii(frame).encode("ascii")
 

@@ -19,7 +19,7 @@ from relay.domains.idempotency import IdempotencyKeys
 from relay.domains.inflight import InflightCommands
 from relay.domains.locale import UserLocales
 from relay.domains.machines import MachineRegistry
-from relay.jsontext import compact
+from relay.jsontext import compact_bytes
 from relay.locks import compute_lock
 from relay.domains.ratelimit import RateLimiter
 from relay.domains.templates import RetryTemplates
@@ -83,7 +83,7 @@ class AuditTrail:
         """
         if self.path is None or not events:
             return
-        data = "".join(compact(e) + "\n" for e in events).encode()
+        data = b"".join(compact_bytes(e) + b"\n" for e in events)
         try:
             with self._file_lock:
                 fd = self._open_fd()

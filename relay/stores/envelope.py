@@ -8,7 +8,6 @@ older version upgrades it; a newer (unknown) version or a corrupt value raises
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import marshmallow
 from marshmallow import fields as mfields
 from marshmallow import validate as mvalidate
 
-from relay.jsontext import compact_finite
+from relay.jsontext import compact, parse
 
 Upgrade = Callable[[Any], Any]
 #: How many texts each schema remembers having written, and the longest it remembers (characters).
@@ -98,8 +97,8 @@ class EnvelopeSchema:
         if errors:
             raise ValueError(f"invalid data for this domain: {errors}")
         try:
-            text = compact_finite({"version": self.version, "updatedAt": iso_ms(now_ms), "data": data})
-        except (TypeError, ValueError) as exc:
+            text = compact({"version": self.version, "updatedAt": iso_ms(now_ms), "data": data})
+        except TypeError as exc:
             raise TypeError(f"value is not JSON-serializable: {exc}") from exc
         if len(text) <= WRITTEN_MEMO_MAX_CHARS:
             written = self._written
@@ -110,7 +109,7 @@ class EnvelopeSchema:
 
     def decode(self, raw: str) -> Entry:
         try:
-            doc = json.loads(raw)
+            doc = parse(raw)
         except (TypeError, ValueError) as exc:
             raise EnvelopeError("corrupt", f"not JSON: {exc}") from exc
         if not isinstance(doc, dict) or set(doc) != {"version", "updatedAt", "data"}:
@@ -255,14 +254,14 @@ def _as_mapping(data: Any) -> Any:
 class ScalarSchema(marshmallow.Schema):
     """For domains whose data is one JSON scalar wrapped as ``{"value": ...}``."""
 
-    value = marshmallow.fields.Raw(required=True)
+    value = marshmallow.fields.Raw(required=True, allow_none=True)
 
 
 def comparable(raw: str) -> Any:
     """What two stored values are compared on: an envelope's ``data`` (``updatedAt`` ignored),
     or the raw text of anything else (counters)."""
     try:
-        doc = json.loads(raw)
+        doc = parse(raw)
     except (TypeError, ValueError):
         return raw
     if isinstance(doc, dict) and set(doc) == {"version", "updatedAt", "data"}:
@@ -273,7 +272,7 @@ def comparable(raw: str) -> Any:
 def raw_updated_at_ms(raw: str) -> Optional[int]:
     """The ``updatedAt`` of a stored envelope in epoch ms; ``None`` when it is not an envelope."""
     try:
-        doc = json.loads(raw)
+        doc = parse(raw)
         return parse_iso_ms(doc["updatedAt"]) if isinstance(doc, dict) else None
     except (TypeError, ValueError, KeyError):
         return None

@@ -123,8 +123,12 @@ def test_encode_rejects_invalid_or_unserializable_data() -> None:
     scalar = EnvelopeSchema(1, ScalarSchema())
     with pytest.raises(TypeError):
         scalar.encode({"value": {1, 2}}, NOW_MS)
-    with pytest.raises(TypeError):
-        scalar.encode({"value": float("nan")}, NOW_MS)
+
+
+def test_a_non_finite_number_is_stored_as_null_as_json_stringify_writes_it() -> None:
+    raw = EnvelopeSchema(1, ScalarSchema()).encode({"value": [float("nan"), float("-inf"), 1.5]}, NOW_MS)
+    assert json.loads(raw)["data"] == {"value": [None, None, 1.5]}
+    assert EnvelopeSchema(1, ScalarSchema()).decode(raw).data == {"value": [None, None, 1.5]}
 
 
 def test_schema_needs_an_upgrade_from_every_older_version() -> None:
