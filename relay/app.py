@@ -9,10 +9,11 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from flask import Flask, g
+from flask import Flask
 
 from config.settings import Settings, load_settings
 from middleware.flags import RuntimeFlags
@@ -218,19 +219,24 @@ def create_app(
 
 def _scope_each_request(app: Flask, router: StoreRouter, sessions: SessionRegistry) -> None:
     """Each request binds one store snapshot and holds its agent frames until it ends: the trace
-    frames then go out with its command, or together at the end, before its deferred writes."""
+    frames then go out with its command, or together at the end, before its deferred writes.
+
+    The two scopes are kept in a context variable of this function's own rather than on ``flask.g``,
+    whose every read goes through a proxy."""
+    entered: ContextVar[Optional[tuple[Any, Any]]] = ContextVar("request_scopes", default=None)
 
     @app.before_request
     def begin() -> None:
         request_id.set(f"{random.getrandbits(64):016x}")
         scope, frames = router.bound(), sessions.holding()
         scope.__enter__()
-        g.request_scopes = (scope, frames)
+        entered.set((scope, frames))
         frames.__enter__()
 
     @app.teardown_request
     def end(_exc: Optional[BaseException]) -> None:
-        scopes = g.pop("request_scopes", None)
+        scopes = entered.get()
+        entered.set(None)
         if scopes is not None:
             scope, frames = scopes
             try:

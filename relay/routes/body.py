@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from flask import request
+from flask import Request
 
 from relay.jsontext import parse_strict
 from relay.messages import parse_form_urlencoded_body
+from relay.routes.app_context import current_request
 from relay.routes.errors import body_too_large, empty_json_body, invalid_json_body, unsupported_media_type
 
 STRING_TYPES = frozenset({"application/xml", "text/xml", "text/plain"})
@@ -52,19 +53,19 @@ def parse_body(media: Optional[str], raw: bytes) -> Any:
     raise unsupported_media_type()
 
 
-def _has_body() -> bool:
+def _has_body(req: Request) -> bool:
     """Fastify's test: a Transfer-Encoding header, or a Content-Length other than 0."""
-    if request.headers.get("Transfer-Encoding") is not None:
+    if req.headers.get("Transfer-Encoding") is not None:
         return True
-    length = request.headers.get("Content-Length")
+    length = req.headers.get("Content-Length")
     return length is not None and length.strip() != "0"
 
 
-def _read_capped(max_bytes: int) -> bytes:
-    length = request.content_length
+def _read_capped(req: Request, max_bytes: int) -> bytes:
+    length = req.content_length
     if length is not None and length > max_bytes:
         raise body_too_large()
-    raw = request.stream.read(max_bytes + 1)
+    raw = req.stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise body_too_large()
     return raw
@@ -72,11 +73,12 @@ def _read_capped(max_bytes: int) -> bytes:
 
 def read_body(max_bytes: int) -> Any:
     """The current request's body, parsed; raises ``FastifyError`` (400, 413, 415)."""
-    media = media_type(request.headers.get("Content-Type"))
+    req = current_request()
+    media = media_type(req.headers.get("Content-Type"))
     if media is None:
-        if not _has_body():
+        if not _has_body(req):
             return None
         raise unsupported_media_type()
     if media != JSON_TYPE and media != FORM_TYPE and media not in STRING_TYPES:
         raise unsupported_media_type()
-    return parse_body(media, _read_capped(max_bytes))
+    return parse_body(media, _read_capped(req, max_bytes))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
-from relay.routes.app_context import current_relay, query_dict
+from relay.routes.app_context import current_relay, current_request, query_dict
 from relay.routes.body import read_body
 from relay.routes.wecom_io import (
     CALLBACK_SECRET_HEADER,
@@ -45,7 +45,7 @@ def receive() -> Response:
     try:
         msg = inbound_from_body(body, query, config, now_s)
         if not msg.encrypted:
-            check_unsigned_callback(query, request.headers.get(CALLBACK_SECRET_HEADER), config, now_s)
+            check_unsigned_callback(query, current_request().headers.get(CALLBACK_SECRET_HEADER), config, now_s)
         check_ids(msg)
     except CallbackRejected as rejected:
         return rejected.rendered().to_response()
