@@ -110,9 +110,11 @@ _raise_open_file_limit(worker_connections + 256)
 
 
 def post_worker_init(worker: Any) -> None:
-    """On SIGTERM also close the agent sockets, so the graceful stop does not wait out
-    ``graceful_timeout`` for connections that never end by themselves. Agents see close code 1001
-    and reconnect (to another instance, during a rolling restart)."""
+    """Read the settings once (``settings_as_attributes``), and on SIGTERM also close the agent
+    sockets, so the graceful stop does not wait out ``graceful_timeout`` for connections that never
+    end by themselves. Agents see close code 1001 and reconnect (to another instance, during a
+    rolling restart)."""
+    settings_as_attributes(worker.cfg)
     channel = getattr(worker.wsgi, "extensions", {}).get("relay.agent_channel")
     if channel is None:
         return
@@ -125,6 +127,18 @@ def post_worker_init(worker: Any) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+def settings_as_attributes(cfg: Any) -> None:
+    """Store each setting's value on the worker's gunicorn ``Config`` as a plain attribute.
+
+    ``Config`` answers ``cfg.keepalive`` from ``__getattr__``, which Python calls only after the
+    ordinary lookup has failed and built an ``AttributeError``; gunicorn reads some 23 settings so
+    for every request. A worker's configuration does not change (a reload starts new workers), so
+    the values are read once here. Names that ``Config`` defines itself (properties such as
+    ``worker_class``) are left to it."""
+    own = dir(type(cfg))
+    cfg.__dict__.update({name: setting.get() for name, setting in cfg.settings.items() if name not in own})
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import requests
 
 from tests.support.live_relay import live_relay
@@ -40,3 +41,19 @@ def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_ot
         order = json.loads(requests.get(relay.url("/order"), timeout=5).text)
     assert sorted(order) == sorted([f"a{i}" for i in range(PIPELINED)] + ["b"])
     assert order.index("b") <= 3, order
+
+
+def test_the_worker_reads_each_setting_once_as_a_plain_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gunicorn.config import Config
+
+    from config.gunicorn import settings_as_attributes
+
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    cfg.set("worker_class", "gevent")
+    settings_as_attributes(cfg)
+    monkeypatch.setattr(Config, "__getattr__", lambda self, name: pytest.fail(f"{name} read through __getattr__"))
+    assert cfg.keepalive == 7
+    assert cfg.limit_request_line == cfg.settings["limit_request_line"].get()
+    assert cfg.post_request is cfg.settings["post_request"].get()
+    assert cfg.worker_class_str == "gevent"  # a property of Config's own, still answered by it
