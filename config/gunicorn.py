@@ -142,15 +142,19 @@ def settings_as_attributes(cfg: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    """Under gevent, let every other ready greenlet run before this keep-alive connection's next
-    request. A request already waiting in the socket would otherwise be read and served at once,
-    so under saturation the quickest clients are served again and again while the others wait:
-    on the callback benchmark, p95 67 to 75 ms and p99 94 to 122 ms, against 33 to 35 and 36 to
-    53 ms with the yield, for 2.5 to 7 % more CPU per callback (``README.md``, Performance)."""
+    """Under gevent, wait until the event loop has polled the sockets and served every connection
+    with a request ready before this keep-alive connection's next request. A request already
+    waiting in the socket would otherwise be read and served at once, so under saturation the
+    quickest clients are served again and again while the others wait: on the callback benchmark,
+    p95 67 to 75 ms and p99 94 to 122 ms, against 33 to 35 and 36 to 53 ms with a yield. The yield
+    is ``gevent.idle()``, not ``sleep(0)``: ``sleep(0)`` only lets greenlets run that the loop
+    already knows are ready, and the loop runs the callbacks it queues again before it polls, so a
+    connection that was idle until now could still wait behind all of this one's requests
+    (``README.md``, Performance)."""
     if worker_class == "gevent":
-        from gevent import sleep
+        from gevent import idle
 
-        sleep(0)
+        idle()
 
 
 def _in_background(target: Any, *args: Any) -> None:

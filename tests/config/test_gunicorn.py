@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 import requests
@@ -25,13 +26,19 @@ def _read_responses(sock: socket.socket, count: int) -> None:
 
 
 def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_others() -> None:
-    """Client A pipelines 20 requests, then client B sends one. Without a yield between requests the
-    worker serves all of A's, already in its buffer, before B's; with it, B's comes within the first few."""
+    """Client A pipelines 20 requests, the first of which keeps the worker busy for half a second;
+    meanwhile client B, already connected and served once, sends one. Without a yield between
+    requests the worker serves all of A's, already in its buffer, before B's, and so it does with a
+    yield that does not let the loop poll the sockets first (``gevent.sleep(0)``); with
+    ``gevent.idle()``, B's comes within the first few."""
     with live_relay("tests.support.order_app:app") as relay:
         a = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
         b = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
         try:
-            a.sendall(b"".join(_request(f"/hit/a{i}") for i in range(PIPELINED)))
+            b.sendall(_request("/hit/b-connected"))
+            _read_responses(b, 1)
+            a.sendall(b"".join(_request(f"/busy/a{i}" if i == 0 else f"/hit/a{i}") for i in range(PIPELINED)))
+            time.sleep(0.1)
             b.sendall(_request("/hit/b"))
             _read_responses(b, 1)
             _read_responses(a, PIPELINED)
@@ -39,7 +46,7 @@ def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_ot
             a.close()
             b.close()
         order = json.loads(requests.get(relay.url("/order"), timeout=5).text)
-    assert sorted(order) == sorted([f"a{i}" for i in range(PIPELINED)] + ["b"])
+    assert sorted(order) == sorted([f"a{i}" for i in range(PIPELINED)] + ["b-connected", "b"])
     assert order.index("b") <= 3, order
 
 
