@@ -41,10 +41,17 @@ _MISSING = object()
 
 
 class Recorder:
-    """Stands in for a backend: a call on it returns the call as an ``Op`` instead of running it."""
+    """Stands in for a backend: a call on it returns the call as an ``Op`` instead of running it.
+
+    Each operation's recording function is kept on the instance once made: Python calls
+    ``__getattr__`` only after the ordinary lookup has failed, which builds an ``AttributeError``."""
 
     def __getattr__(self, name: str) -> Callable[..., Op]:
-        return lambda *args: Op(name, args)
+        def record(*args: Any) -> Op:
+            return Op(name, args)
+
+        self.__dict__[name] = record
+        return record
 
 
 RECORDER = Recorder()

@@ -57,9 +57,17 @@ class ReadinessParser(_HiredisParser):
     def can_read(self, timeout: float = 0) -> bool:
         sock, reader = self._sock, self._reader
         if (timeout == 0 and sock is not None and reader is not None and not reader.has_data()
-                and not getattr(sock, "pending", None) and not _readable_now(sock)):
+                and not _buffers_decrypted(type(sock)) and not _readable_now(sock)):
             return False
         return super().can_read(timeout)
+
+
+@lru_cache(maxsize=None)
+def _buffers_decrypted(socket_type: type) -> bool:
+    """Sockets of this type may hold decrypted bytes above the OS socket (TLS: ``pending()``). Asked
+    of the type: a gevent socket answers a failed lookup by trying the socket it wraps, building two
+    ``AttributeError``s per check."""
+    return hasattr(socket_type, "pending")
 
 
 def _readable_now(sock: Any) -> bool:

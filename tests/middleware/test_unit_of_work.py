@@ -12,8 +12,9 @@ import redis
 from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.routing import StoreRouter
+from middleware.unit_of_work import Recorder
 from relay.domains import idempotency, inflight, ratelimit
-from relay.stores.base import StoreUnavailable
+from relay.stores.base import Op, StoreUnavailable
 from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
@@ -118,3 +119,11 @@ def test_a_failed_flush_with_fallback_goes_to_memory_and_the_journal(redis_serve
         assert rig.router.journal.pending() == {"idempotency": 1}
     finally:
         rig.router.close()
+
+
+def test_the_recorder_returns_each_call_as_an_op_and_makes_each_operation_once() -> None:
+    recorder = Recorder()
+    assert recorder.get("k") == Op("get", ("k",))
+    record = recorder.__dict__["get"]
+    assert recorder.set("k", "v", 5) == Op("set", ("k", "v", 5))
+    assert recorder.get("j") == Op("get", ("j",)) and recorder.get is record

@@ -13,6 +13,7 @@ from relay.stores.redis_connect import (
     ClientOptions,
     FollowingSentinelPool,
     ReadinessParser,
+    _buffers_decrypted,
     SentinelMasterClient,
     connect,
     serves_primary,
@@ -123,3 +124,14 @@ def test_the_readiness_check_sees_unread_replies_and_a_closed_server(redis_serve
     finally:
         client.connection_pool.release(connection)
         client.close()
+
+
+def test_only_a_tls_socket_is_taken_to_hold_decrypted_bytes_above_the_os_socket() -> None:
+    import socket
+    import ssl
+
+    import gevent.socket
+    import gevent.ssl
+
+    assert _buffers_decrypted(ssl.SSLSocket) and _buffers_decrypted(gevent.ssl.SSLSocket)
+    assert not _buffers_decrypted(socket.socket) and not _buffers_decrypted(gevent.socket.socket)
