@@ -50,8 +50,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["seconds"] = round(time.monotonic() - started, 1)
         report["sections"][name] = result
         print(flush=True)
+    speed = machine_speed(report["sections"])
+    if speed is not None:
+        report["machine_speed"] = speed
+        print("== machine speed ==")
+        print("instructions the worker executes per callback / relay CPU per callback, in billions per CPU-second "
+              "(the same code runs at different rates on different machines; compare CPU figures across machines "
+              "with it):")
+        print("  ".join(f"{mode} {rate:.2f}" for mode, rate in speed.items()))
+        print(flush=True)
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
+
+
+def machine_speed(sections: dict[str, Any]) -> Optional[dict[str, float]]:
+    """Billions of instructions per relay CPU-second, per mode, when both the ``callbacks`` and the
+    ``instructions`` sections ran: what turns instruction counts (which do not depend on the machine)
+    into CPU time (which does). An estimate: the instructions are the worker's at concurrency 2,
+    the CPU time is every relay process's at concurrency 32."""
+    counted = (sections.get("instructions") or {}).get("modes") or {}
+    timed = (sections.get("callbacks") or {}).get("modes") or {}
+    speed = {}
+    for mode, timing in timed.items():
+        instructions = (counted.get(mode) or {}).get("instructions_per_callback")
+        cpu_ms = timing.get("relay_cpu_per_callback_ms")
+        if instructions and cpu_ms:
+            speed[mode] = round(instructions / (cpu_ms / 1000) / 1e9, 2)
+    return speed or None
 
 
 if __name__ == "__main__":
