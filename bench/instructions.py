@@ -1,8 +1,8 @@
 """Instructions per callback: the relay's worker under callgrind, a figure that does not move.
 
-CPU seconds per callback (``bench/callbacks.py``) move by up to 15 % between runs on a shared
+CPU seconds per callback (``bench/callbacks.py``) move by 15 % and more between runs on a shared
 2-core VM, more than most single changes save. callgrind counts the instructions the worker
-executes instead, which repeat within about half a percent, so a change can be measured alone.
+executes instead, which repeat within 1 to 2 percent, so a change can be measured alone.
 
 Per mode (``memory``, ``redis`` and ``outage`` as in ``bench/callbacks.py``): the relay runs under
 ``valgrind --tool=callgrind`` with ``bench/callgrind_app.py`` (the relay plus a dump trigger),

@@ -30,7 +30,7 @@ def query_value(name: str) -> Optional[str]:
     fast-querystring turns a repeated key into an array, which JavaScript stringifies
     with commas; joining the values the same way keeps signatures and filters aligned.
     """
-    return _joined(request.args, name)
+    return _joined(current_request().args, name)
 
 
 def query_dict(*names: str) -> dict[str, str]:
