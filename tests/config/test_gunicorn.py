@@ -26,7 +26,7 @@ def _read_responses(sock: socket.socket, count: int) -> None:
 
 
 def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_others() -> None:
-    """Client A pipelines 20 requests, the first of which keeps the worker busy for half a second;
+    """Client A pipelines 20 requests, the first of which keeps the worker busy for a second;
     meanwhile client B, already connected and served once, sends one. Without a yield between
     requests the worker serves all of A's, already in its buffer, before B's, and so it does with a
     yield that does not let the loop poll the sockets first (``gevent.sleep(0)``); with

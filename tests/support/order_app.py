@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 handled: list[str] = []
-BUSY_S = 0.5
+BUSY_S = 1.0
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
