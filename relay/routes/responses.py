@@ -9,7 +9,6 @@ charset when given a ``mimetype``.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +26,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _js_values(value: Any) -> Any:
-    """Map floats to what ``JSON.stringify`` prints: non-finite → null, 2.0 → 2."""
+    """Map floats to what ``JSON.stringify`` prints: 2.0 → 2 (``compact`` writes non-finite ones as null)."""
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
         if value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
             return int(value)
         return value
