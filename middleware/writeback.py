@@ -203,10 +203,14 @@ class WriteBackJournal:
         with self._lock:
             pending = self._pending.setdefault(domain, {})
             for key in keys:
-                if key not in pending and len(pending) >= self.max_keys:
-                    self.overflow[domain] = self.overflow.get(domain, 0) + 1
-                    continue
-                pending[key] = _merged(pending.get(key, []), task)
+                tasks = pending.get(key)
+                if tasks is None:
+                    if len(pending) >= self.max_keys:
+                        self.overflow[domain] = self.overflow.get(domain, 0) + 1
+                    else:
+                        pending[key] = [task]
+                elif len(tasks) != 1 or tasks[0] is not task:
+                    pending[key] = _merged(tasks, task)
 
     def has(self, domain: str) -> bool:
         """Anything pending or being carried out for ``domain`` (cheap: asked on every operation)."""

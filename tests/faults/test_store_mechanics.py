@@ -224,6 +224,16 @@ def test_undos_accumulate_and_copies_replace_each_other() -> None:
     assert journal.claim("idempotency", "k") == [undo("first attempt"), undo("second attempt"), REPAIR_REDIS]
 
 
+def test_a_full_journal_counts_new_keys_as_overflow_and_still_records_its_keys() -> None:
+    journal = WriteBackJournal(max_keys=2)
+    journal.record("audit", ["a", "b"])
+    journal.record("audit", ["a", "c"])
+    journal.record("audit", ["b"], undo("v"))
+    assert journal.keys() == {"audit": ["a", "b"]} and journal.overflow == {"audit": 1}
+    assert journal.claim("audit", "a") == [WRITE_BACK]  # recorded twice, carried out once
+    assert journal.claim("audit", "b") == [WRITE_BACK, undo("v")]
+
+
 def test_a_release_that_failed_is_done_before_the_retry(redis_server: RedisServer) -> None:
     journal = WriteBackJournal()
     with FaultProxy(redis_server.port) as proxy:
