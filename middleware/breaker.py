@@ -78,6 +78,11 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
             self._rejected += 1
         return True
 
+    def count_rejected(self, calls: int) -> None:
+        """Count ``calls`` refused by a caller that ``refuse_now`` had already told so."""
+        with self._rejected_lock:
+            self._rejected += calls
+
     def _reopen_at(self, opened_at: Optional[datetime]) -> float:
         """Epoch seconds when the open circuit lets a trial through (``-inf`` when it has no time).
         Cached per opening: during an outage every store call asks."""

@@ -94,9 +94,10 @@ class RoutedStore(Store):
         self._alone = (len(backends) == 1 and self._secondary is None and self._reader is self._auth
                        and self._shadow is None and pull_from is None)
         #: Whether memory serves what the reader or the authoritative backend fails. While such a
-        #: backend's breaker refuses calls (``refuses_calls``), a call falls back without being built
-        #: (no journal settling, no Redis attempt, no exception), so an outage costs little more than
-        #: memory mode; the half-open trial still goes through.
+        #: backend's breaker refuses calls (``refuses_calls``, asked once per unit of work while it
+        #: does), a call falls back without being built (no journal settling, no Redis attempt, no
+        #: exception), so an outage costs little more than memory mode; the half-open trial still
+        #: goes through, in the next unit of work.
         self._reader_falls_back = self._can_fall_back(self._reader)
         self._auth_falls_back = self._can_fall_back(self._auth)
 
@@ -219,6 +220,12 @@ class RoutedStore(Store):
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)
 
+    @staticmethod
+    def _refuses(backend: Store) -> bool:
+        """Whether ``backend`` refuses calls now: asked once per unit of work while it does."""
+        unit = current()
+        return backend.refuses_calls() if unit is None else unit.refuses(backend)
+
     def _serve_refused(self, backend: Store, op: str, kind: str, fn: Callable[[Store], T]) -> T:
         """Memory serves ``op``, which ``backend`` refused; the observer hears of it once
         (``StoreObserver.refused``), or event by event when memory fails too."""
@@ -243,7 +250,7 @@ class RoutedStore(Store):
               keys: Sequence[str] = ()) -> T:
         if self._alone:
             return self._call(self._auth, op, fn)
-        if self._reader_falls_back and self._reader.refuses_calls():
+        if self._reader_falls_back and self._refuses(self._reader):
             return self._serve_refused(self._reader, op, "read", fn)
         try:
             result = self._call(self._reader, op, self._prepared(self._reader, keys, fn))
@@ -266,7 +273,7 @@ class RoutedStore(Store):
         if self._alone:
             return self._call(self._auth, op, fn)
         keys = list(keys)
-        if self._auth_falls_back and self._auth.refuses_calls():
+        if self._auth_falls_back and self._refuses(self._auth):
             result = self._serve_refused(self._auth, op, "write", fn)
             self._journal_fallback(keys)
             return result

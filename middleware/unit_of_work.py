@@ -16,6 +16,11 @@ decides, so the unit of work reads its own writes. What other units of work see:
 is invisible until it is sent, so code that must make a write visible before it tells someone else
 (a command sent to an agent whose answer will look for its in-flight record) flushes first.
 
+While a backend refuses calls (its breaker open), the unit of work asks it once: the refusal holds
+for the rest of the unit of work (``refuses``), and the calls refused meanwhile are counted on the
+backend together when it ends. A unit of work that began on memory during an outage stays there;
+the next one makes the half-open trial.
+
 Failures keep the routed store's contract: when the pipeline fails, each queued write whose domain
 may fall back to memory is written there and journalled for write-back (like any fallback write),
 and a queued write that may not makes the call fail; the call that carried the queue then fails or
@@ -77,6 +82,8 @@ class UnitOfWork:
         self._cache: dict[str, Optional[str]] = {}
         #: Round trips this unit of work made (``Store.execute`` calls).
         self.round_trips = 0
+        #: Backends that refused a call here, with the calls refused since without asking them.
+        self._refusing: dict[Store, int] = {}
 
     # -- what routed stores call --------------------------------------------------------------------
     def defer(self, store: "RoutedStore", label: str, op: Op) -> None:
@@ -113,6 +120,26 @@ class UnitOfWork:
         self._forget(op)
         results = self._send(backend, queued + [_Queued(store, label, op)], carried=True)
         return results[-1]
+
+    def refuses(self, backend: Store) -> bool:
+        """Whether ``backend`` refuses calls (``Store.refuses_calls``). It is asked until it refuses
+        one; from then on the answer holds for the rest of the unit of work, and ``close`` counts
+        the calls refused without asking."""
+        refused = self._refusing.get(backend)
+        if refused is None:
+            if not backend.refuses_calls():
+                return False
+            self._refusing[backend] = 0
+        else:
+            self._refusing[backend] = refused + 1
+        return True
+
+    def close(self) -> None:
+        """Count on each backend the calls this unit of work refused without asking it."""
+        refusing, self._refusing = self._refusing, {}
+        for backend, calls in refusing.items():
+            if calls:
+                backend.count_refused(calls)
 
     def flush(self) -> None:
         """Send the queue now (nothing happens when it is empty)."""
@@ -208,4 +235,6 @@ def end(token: contextvars.Token[Optional[UnitOfWork]]) -> None:
                   extra={"event": "store_deferred_writes_failed", "error": type(exc).__name__})
     finally:
         _current.reset(token)
+        if unit is not None:
+            unit.close()
 

@@ -132,6 +132,10 @@ class Store(abc.ABC):
         breaker); such a refusal is counted. Stores without a breaker never refuse."""
         return False
 
+    def count_refused(self, calls: int) -> None:
+        """Count ``calls`` refused without asking ``refuses_calls`` again, after it had said ``True``
+        (``middleware.unit_of_work.UnitOfWork.refuses``)."""
+
     # -- plain values -----------------------------------------------------------------
     @abc.abstractmethod
     def get(self, key: str) -> Optional[str]:

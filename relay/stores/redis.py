@@ -261,9 +261,13 @@ class StoreCounters:
         self._values = dict.fromkeys(self.NAMES, 0)
         self._queued: deque[str] = deque()
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, count: int = 1) -> None:
         if name not in self._values:
             raise KeyError(name)
+        if count != 1:
+            with self._lock:
+                self._values[name] += count
+            return
         queued = self._queued
         queued.append(name)
         if len(queued) >= self.FOLD_AT:
@@ -400,6 +404,11 @@ class RedisStore(Store):
         self.counters.add("errors")
         self._health.failed(_REFUSED, reachable=False)
         return True
+
+    def count_refused(self, calls: int) -> None:
+        if self.breaker is not None:
+            self.breaker.count_rejected(calls)
+        self.counters.add("errors", calls)
 
     @property
     def last_error(self) -> Optional[str]:

@@ -2,6 +2,7 @@
 own writes, and a failed round trip keeps the routed store's fallback and journal contract."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -32,14 +33,16 @@ class Counting(redis.Connection):
 
 
 class Rig:
-    def __init__(self, server: RedisServer, fallback: bool) -> None:
+    def __init__(self, server: RedisServer, fallback: bool, phase: str = "redis-primary",
+                 reset_timeout_s: float = 30) -> None:
         self.server = server
         client = redis.Redis.from_url(server.url, decode_responses=True, connection_class=Counting,
                                       socket_timeout=0.1, socket_connect_timeout=0.1)
         self.memory = MemoryStore()
-        self.redis = RedisStore(lambda: client, breaker=GuardedBreaker(fail_max=100, reset_timeout=30),
+        self.breaker = GuardedBreaker(fail_max=100, reset_timeout=reset_timeout_s)
+        self.redis = RedisStore(lambda: client, breaker=self.breaker,
                                 socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
-        plan = replace(PRESETS["redis-primary"], fallback_to_memory=fallback)
+        plan = replace(PRESETS[phase], fallback_to_memory=fallback)
         self.router = StoreRouter(KeySpace("t", "dev"), DOMAINS, {"memory": self.memory, "redis": self.redis},
                                   {name: plan for name in DOMAINS})
 
@@ -119,6 +122,62 @@ def test_a_failed_flush_with_fallback_goes_to_memory_and_the_journal(redis_serve
         assert rig.router.journal.pending() == {"idempotency": 1}
     finally:
         rig.router.close()
+
+
+@pytest.fixture
+def rampdown(redis_server: RedisServer) -> Iterator[Rig]:
+    """Redis authoritative with memory mirrored and falling back, the breaker's reset timeout short."""
+    built = Rig(redis_server, fallback=True, phase="rampdown", reset_timeout_s=0.3)
+    yield built
+    built.router.close()
+
+
+def test_a_unit_of_work_asks_a_refusing_backend_once_and_counts_every_refused_call(rampdown: Rig) -> None:
+    refusals = []
+    ask = rampdown.redis.refuses_calls
+    rampdown.redis.refuses_calls = lambda: refusals.append(1) or ask()  # type: ignore[method-assign]
+    rampdown.breaker.open()
+    with rampdown.router.bound():
+        store = rampdown.router.store("idempotency")
+        store.set("a", {"reservedAtMs": 1})
+        store.set("b", {"reservedAtMs": 2})
+        assert store.get("a") == {"reservedAtMs": 1}
+        assert len(refusals) == 1 and rampdown.breaker.rejected == 1
+    assert rampdown.breaker.rejected == 3
+    assert rampdown.redis.counters.snapshot()["errors"] == 3
+    assert rampdown.router.journal.pending() == {"idempotency": 2}
+    with rampdown.router.bound():
+        rampdown.router.store("idempotency").get("a")
+    assert len(refusals) == 2 and rampdown.breaker.rejected == 4
+
+
+def test_a_refusal_holds_for_the_rest_of_the_unit_of_work_and_the_next_one_makes_the_trial(
+    rampdown: Rig
+) -> None:
+    rampdown.breaker.open()
+    with rampdown.router.bound():
+        store = rampdown.router.store("idempotency")
+        store.set("a", {"reservedAtMs": 1})
+        time.sleep(0.4)  # past the reset timeout: the breaker would let a trial through now
+        sends = rampdown.sends()
+        store.set("b", {"reservedAtMs": 2})
+        assert rampdown.sends() == sends and rampdown.breaker.current_state == "open"
+    with rampdown.router.bound():
+        assert rampdown.router.store("idempotency").get("b") == {"reservedAtMs": 2}
+    assert rampdown.sends() > sends and rampdown.breaker.current_state == "closed"
+    assert rampdown.redis.get("t:dev:idempotency:b") is not None  # written back before the read
+
+
+def test_a_backend_that_starts_refusing_within_a_unit_of_work_is_asked_until_it_does(rampdown: Rig) -> None:
+    with rampdown.router.bound():
+        store = rampdown.router.store("idempotency")
+        store.set("a", {"reservedAtMs": 1})
+        assert rampdown.redis.get("t:dev:idempotency:a") is not None
+        rampdown.breaker.open()
+        store.set("b", {"reservedAtMs": 2})
+    assert rampdown.server.client().get("t:dev:idempotency:b") is None
+    assert rampdown.memory.get("t:dev:idempotency:b") is not None
+    assert rampdown.breaker.rejected == 1
 
 
 def test_the_recorder_returns_each_call_as_an_op_and_makes_each_operation_once() -> None:
