@@ -13,7 +13,6 @@ sees every event reported before it.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -62,15 +61,15 @@ class RoutingStats:
             counts = self._domains[domain] = _DomainCounts()
         return counts
 
-    def count(self, calls: Sequence[tuple[str, str, str, str, float]],
+    def count(self, calls: Mapping[tuple[str, str, str, str], Sequence[float]],
               increments: Mapping[tuple[str, tuple[str, ...]], int]) -> None:
-        """Count one fold's events (``relay.metrics.FoldListener``): the calls ``(domain, backend, op,
-        outcome, seconds)``, equal ones tallied together, and the counter increments of fallbacks,
-        mirror failures and skips, and write-backs."""
+        """Count one fold's events (``relay.metrics.FoldListener``): the calls' seconds per
+        ``(domain, backend, op, outcome)``, and the counter increments of fallbacks, mirror failures
+        and skips, and write-backs."""
         with self._lock:
-            for (domain, backend, outcome), n in Counter((c[0], c[1], c[3]) for c in calls).items():
+            for (domain, backend, _, outcome), samples in calls.items():
                 tally = self._counts(domain).operations.setdefault(backend, {})
-                tally[outcome] = tally.get(outcome, 0) + n
+                tally[outcome] = tally.get(outcome, 0) + len(samples)
             for (instrument, labels), n in increments.items():
                 if instrument not in _COUNTED:
                     continue

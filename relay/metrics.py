@@ -172,6 +172,14 @@ _ACCURACY = 0.01
 _GAMMA = (1 + _ACCURACY) / (1 - _ACCURACY)
 _LOG_GAMMA = math.log(_GAMMA)
 _MIN_SECONDS = 1e-7
+#: The bin of every latency up to ``_MIN_SECONDS``.
+_ZERO_BIN = math.ceil(math.log(_MIN_SECONDS) / _LOG_GAMMA)
+
+
+def _all_zero(samples: list[float]) -> bool:
+    """Whether every sample is ``0.0``: the calls a breaker refused (``StoreMetrics.refused``),
+    whose buckets need no search."""
+    return samples[0] == 0.0 and samples.count(0.0) == len(samples)
 
 
 def _bin_seconds(index: int) -> float:
@@ -214,6 +222,9 @@ class _Calls:
         elif outcome in (ERROR, REJECTED):
             self.errors += len(samples)
         bins, log, ceil = self.bins, math.log, math.ceil
+        if _all_zero(samples):
+            bins[_ZERO_BIN] = bins.get(_ZERO_BIN, 0) + len(samples)
+            return
         for seconds in samples:
             index = ceil(log(seconds if seconds > _MIN_SECONDS else _MIN_SECONDS) / _LOG_GAMMA)
             bins[index] = bins.get(index, 0) + 1
@@ -381,12 +392,21 @@ def _plan_flags(plan: DomainPlan) -> dict[str, float]:
 
 
 # -- the observer ---------------------------------------------------------------------------------
-#: What a fold hands its listeners: the calls ``(domain, backend, op, outcome, seconds)`` and the
-#: counter increments ``{(instrument, label values): count}`` (instruments ``fallbacks``
-#: ``(domain, op, kind)``, ``secondary_failures`` and ``secondary_skipped`` ``(domain, op)``,
-#: ``writebacks`` ``(domain, outcome)``), a refused call already counted as the four it stands for.
-FoldListener = Callable[
-    [Sequence[tuple[str, str, str, str, float]], Mapping[tuple[str, tuple[str, ...]], int]], None]
+#: The labels of a backend call: ``(domain, backend, op, outcome)``.
+CallLabels = tuple[str, str, str, str]
+#: What a fold hands its listeners: the calls' seconds per label set, and the counter increments
+#: ``{(instrument, label values): count}`` (instruments ``fallbacks`` ``(domain, op, kind)``,
+#: ``secondary_failures`` and ``secondary_skipped`` ``(domain, op)``, ``writebacks``
+#: ``(domain, outcome)``), a refused call already counted as the four it stands for.
+FoldListener = Callable[[Mapping[CallLabels, Sequence[float]], Mapping[tuple[str, tuple[str, ...]], int]], None]
+
+
+def _group(groups: dict[CallLabels, list[float]], labels: CallLabels, seconds: float) -> None:
+    samples = groups.get(labels)
+    if samples is None:
+        groups[labels] = [seconds]
+    else:
+        samples.append(seconds)
 
 
 class StoreMetrics:
@@ -466,14 +486,17 @@ class StoreMetrics:
         """
         with self._fold_lock:
             second = int(self._clock())
-            calls, counts = drain(self._pending), drain(self._counts)
+            groups: dict[CallLabels, list[float]] = {}
+            for domain, backend, op, outcome, seconds in drain(self._pending):
+                _group(groups, (domain, backend, op, outcome), seconds)
+            counts = drain(self._counts)
             for domain, backend, op, kind, seconds, mirror_skipped in drain(self._refusals):
-                calls.append((domain, backend, op, REJECTED, 0.0))
-                calls.append((domain, "memory", op, OK, seconds))
+                _group(groups, (domain, backend, op, REJECTED), 0.0)
+                _group(groups, (domain, "memory", op, OK), seconds)
                 counts.append(("fallbacks", (domain, op, kind)))
                 if mirror_skipped:
                     counts.append(("secondary_skipped", (domain, op)))
-            self._fold_calls(calls, second)
+            self._fold_calls(groups, second)
             increments = CountOf(counts)
             fallbacks: CountOf[str] = CountOf()
             for (instrument, labels), count in increments.items():
@@ -483,35 +506,28 @@ class StoreMetrics:
             for domain, count in fallbacks.items():
                 self._window(domain).fallbacks(second, count)
             for listener in self._fold_listeners:
-                listener(calls, increments)
+                listener(groups, increments)
         self.sync()
 
-    def _fold_calls(self, calls: list[tuple[str, str, str, str, float]], second: int) -> None:
-        """Group the calls' seconds by label set; per set, the histogram's bucket counts and sum and
-        the errors or timeouts; per domain, the window's calls."""
-        if not calls:
-            return
-        samples_by_labels: dict[tuple[str, str, str, str], list[float]] = {}
-        for domain, backend, op, outcome, seconds in calls:
-            labels = (domain, backend, op, outcome)
-            samples = samples_by_labels.get(labels)
-            if samples is None:
-                samples_by_labels[labels] = [seconds]
-            else:
-                samples.append(seconds)
+    def _fold_calls(self, groups: Mapping[CallLabels, list[float]], second: int) -> None:
+        """Per label set, the histogram's bucket counts and sum and the errors or timeouts; per
+        domain, the window's calls."""
         windows: dict[str, list[tuple[str, str, list[float]]]] = {}
-        for (domain, backend, op, outcome), samples in samples_by_labels.items():
+        for (domain, backend, op, outcome), samples in groups.items():
             buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-            for seconds in samples:
-                buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            if _all_zero(samples):
+                buckets[0] = len(samples)
+            else:
+                for seconds in samples:
+                    buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
             _add_observations(self._latency_child((backend, domain, op, outcome)), buckets, sum(samples))
             if outcome == TIMEOUT:
                 self._i.timeouts.labels(backend, domain, op).inc(len(samples))
             elif outcome in (ERROR, REJECTED):
                 self._i.errors.labels(backend, domain, op, outcome).inc(len(samples))
             windows.setdefault(domain, []).append((backend, outcome, samples))
-        for domain, groups in windows.items():
-            self._window(domain).calls(second, groups)
+        for domain, window_groups in windows.items():
+            self._window(domain).calls(second, window_groups)
 
     def start(self, interval_s: float = FOLD_INTERVAL_S) -> None:
         """Fold every ``interval_s`` in a daemon thread, until ``stop``."""

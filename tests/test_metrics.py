@@ -86,7 +86,10 @@ def test_folded_calls_expose_exactly_what_one_observe_per_call_would(
 ) -> None:
     rng = random.Random(7)
     calls = [(rng.choice(DOMAINS), rng.choice(("memory", "redis")), rng.choice(("get", "set", "incr")), "ok",
-              rng.choice(LATENCY_BUCKETS) if rng.random() < 0.2 else rng.uniform(0, 1.5)) for _ in range(3000)]
+              rng.choice(LATENCY_BUCKETS + (0.0,)) if rng.random() < 0.2 else rng.uniform(0, 1.5))
+             for _ in range(3000)]
+    # refused calls take no time: label sets whose samples are all zero
+    calls += [(rng.choice(DOMAINS), "redis", rng.choice(("get", "set")), "rejected", 0.0) for _ in range(300)]
     expected = CollectorRegistry()
     histogram = Histogram("relay_store_operation_seconds", "x", ["backend", "domain", "op", "outcome"],
                           buckets=LATENCY_BUCKETS, registry=expected)
@@ -304,6 +307,20 @@ def test_percentiles_come_from_the_window_in_milliseconds(metrics: StoreMetrics)
     assert summary["backends"]["memory"]["p99Ms"] == pytest.approx(0.02, rel=0.01)
     assert summary["p50Ms"] == pytest.approx(0.02, rel=0.01)
     assert summary["p95Ms"] == pytest.approx(90, rel=0.01)
+
+
+def test_calls_that_took_no_time_count_at_the_smallest_latency(metrics: StoreMetrics) -> None:
+    for _ in range(50):
+        metrics.operation("audit", "redis", "get", "rejected", 0.0)
+        metrics.operation("locale", "redis", "get", "rejected", 0.0)
+    metrics.operation("locale", "redis", "get", "ok", 0.01)
+
+    refused = metrics.domain_summary("audit", "rampdown")["backends"]["redis"]
+    assert refused["operations"] == 50 and refused["errorRate"] == 1.0
+    assert refused["p50Ms"] == refused["p99Ms"] == pytest.approx(1e-4, rel=0.01)
+    mixed = metrics.domain_summary("locale", "rampdown")["backends"]["redis"]
+    assert mixed["operations"] == 51
+    assert mixed["p50Ms"] == pytest.approx(1e-4, rel=0.01) and mixed["p99Ms"] == pytest.approx(10, rel=0.01)
 
 
 def test_rates_are_events_per_call_and_mismatches_per_comparison(metrics: StoreMetrics) -> None:
