@@ -213,9 +213,9 @@ _current: contextvars.ContextVar[Optional[UnitOfWork]] = contextvars.ContextVar(
                                                                                  default=None)
 
 
-def current() -> Optional[UnitOfWork]:
-    """The unit of work of the running scope, if any."""
-    return _current.get()
+#: The unit of work of the running scope, if any (the context variable's own getter: routed stores
+#: ask for it on every call).
+current: Callable[[], Optional[UnitOfWork]] = _current.get
 
 
 def begin() -> contextvars.Token[Optional[UnitOfWork]]:

@@ -560,14 +560,18 @@ class StoreMetrics:
         """Counted at the next ``fold`` (during an outage every store call falls back); logged now, at
         most once a second per domain and operation, with the request's id."""
         self._counts.append(("fallbacks", (domain, op, kind)))
-        self._log_fallback(domain, op, kind)
+        suppressed = self._throttle.admit(("store_fallback", domain, op))
+        if suppressed is not None:
+            _log_fallback(domain, op, kind, suppressed)
 
     def refused(self, domain: str, backend: str, op: str, kind: str, seconds: float, mirror_skipped: bool) -> None:
         """Queued once; the next ``fold`` counts the rejected call, the memory call, the fallback and
         the skipped mirror write. The fallback is logged as ``fallback`` logs it."""
         refusals = self._refusals
         refusals.append((domain, backend, op, kind, seconds, mirror_skipped))
-        self._log_fallback(domain, op, kind)
+        suppressed = self._throttle.admit(("store_fallback", domain, op))
+        if suppressed is not None:
+            _log_fallback(domain, op, kind, suppressed)
         if len(refusals) >= FOLD_BATCH:
             self.fold()
 
@@ -709,13 +713,11 @@ class StoreMetrics:
         if suppressed is not None:
             _log(level, message, event, domain, op, suppressed, fields)
 
-    def _log_fallback(self, domain: str, op: str, kind: str) -> None:
-        """``_log_throttled`` of the fallback line, which during an outage every store call asks for:
-        a line held back costs the ``admit`` only."""
-        suppressed = self._throttle.admit(("store_fallback", domain, op))
-        if suppressed is not None:
-            _log(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, suppressed,
-                 {"kind": kind})
+
+def _log_fallback(domain: str, op: str, kind: str, suppressed: int) -> None:
+    """The fallback line ``_log_throttled`` would write: during an outage every store call asks for
+    it, so callers ask the throttle themselves and a line held back costs the ``admit`` only."""
+    _log(logging.WARNING, "store fallback to memory", "store_fallback", domain, op, suppressed, {"kind": kind})
 
 
 def _log(level: int, message: str, event: str, domain: str, op: str, suppressed: int,

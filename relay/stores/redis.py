@@ -77,6 +77,7 @@ from relay.stores.base import (
     validate_ttl,
     validate_value,
 )
+from relay.locks import compute_lock
 from relay.stores.keys import LUA_ESCAPE_ID, escape_id
 from relay.stores.redis_connect import ClientOptions, connect, is_cluster
 from relay.stores.redis_pipeline import ConnectionPipeline, Connections
@@ -257,7 +258,7 @@ class StoreCounters:
     FOLD_AT = 1024
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = compute_lock()
         self._values = dict.fromkeys(self.NAMES, 0)
         self._queued: deque[str] = deque()
 
