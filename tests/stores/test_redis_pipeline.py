@@ -9,7 +9,7 @@ import redis
 
 from relay.stores.base import Op
 from relay.stores.redis import RedisStore
-from relay.stores.redis_pipeline import ConnectionPipeline, Connections
+from relay.stores.redis_pipeline import ConnectionPipeline, Connections, pack
 from tests.support.redisproc import RedisServer
 
 
@@ -40,6 +40,28 @@ def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeyp
     assert pipe.execute() == []
     assert len(writes) == 1
     assert client.connection_pool._created_connections == 1 and _checked_out(client) == 1
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    connection = redis.Connection()
+    commands = [
+        ("SET", "relay:dev:audit:é", "x" * 10_000, "PX", 60_000),
+        ("ZADD", b"index", 1.5, "m", -0.0, "n", 1e20, "o", 2**70, "p"),
+        ("EVAL", "return 1", 0),
+    ]
+    assert b"".join(pack(connection, commands)) == b"".join(connection.pack_commands(commands))
+
+
+def test_what_hiredis_cannot_pack_goes_through_redis_py(client: redis.Redis) -> None:
+    connection = redis.Connection()
+    assert pack(connection, [("CLIENT SETNAME", "relay")]) == connection.pack_commands([("CLIENT SETNAME", "relay")])
+    assert pack(connection, [("GET", bytearray(b"k"))]) == connection.pack_commands([("GET", b"k")])
+    with pytest.raises(redis.DataError):
+        pack(connection, [("SET", "k", True)])
+    pipe = ConnectionPipeline(Connections(client.connection_pool))
+    pipe.execute_command("CLIENT SETNAME", "relay-test")
+    pipe.execute_command("CLIENT GETNAME")
+    assert pipe.execute() == ["OK", "relay-test"]
 
 
 def test_an_error_reply_stays_in_its_place_and_the_connection_stays_in_step(client: redis.Redis) -> None:
