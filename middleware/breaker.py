@@ -5,7 +5,8 @@ guarded call (danielfm/pybreaker issue 55), so one breaker in front of Redis
 would let one request talk to Redis at a time. ``GuardedBreaker`` keeps
 pybreaker's states, storage, ``fail_max``/``reset_timeout``/``success_threshold``
 and listeners, but takes the lock only to admit a call and to record its
-outcome; the call itself runs unlocked.
+outcome, and not even then while the circuit is closed and nothing fails; the
+call itself runs unlocked.
 
 Half-open: exactly one trial call runs at a time; every other call fails fast
 with ``CircuitBreakerError`` until the trial has closed or re-opened the circuit.
@@ -124,7 +125,13 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
         return name
 
     def _admit(self, func: Any, args: tuple, kwargs: dict) -> bool:
-        """Let a call through or raise ``CircuitBreakerError``; ``True`` for the half-open trial."""
+        """Let a call through or raise ``CircuitBreakerError``; ``True`` for the half-open trial.
+        A closed circuit admits without the lock: nothing changes, and a call admitted just as
+        another's failure opens the circuit is one that came a moment earlier."""
+        if self._state_storage.state == STATE_CLOSED and self._state.name == STATE_CLOSED:
+            for listener in self._listeners:
+                listener.before_call(self, func, *args, **kwargs)
+            return False
         with self._lock:
             name = self._state_name()
             if name == STATE_OPEN:
@@ -146,6 +153,13 @@ class GuardedBreaker(pybreaker.CircuitBreaker):
             return trial
 
     def _record_success(self, trial: bool) -> None:
+        """Under the lock, unless the circuit is closed with no failure counted: then there is
+        nothing to reset or count."""
+        storage = self._state_storage
+        if not trial and storage.counter == 0 and storage.state == STATE_CLOSED:
+            for listener in self._listeners:
+                listener.success(self)
+            return
         with self._lock:
             if trial:
                 self._trial_running = False

@@ -1,4 +1,5 @@
-"""``GuardedBreaker.refuse_now``: when a caller may skip a call the breaker would refuse anyway."""
+"""``GuardedBreaker``: when a caller may skip a call the breaker would refuse anyway (``refuse_now``),
+and what a closed circuit does without its lock."""
 from __future__ import annotations
 
 import threading
@@ -80,3 +81,41 @@ def test_a_circuit_opened_again_by_a_failed_trial_refuses_for_a_whole_new_timeou
     assert breaker.refuse_now() is True  # not the first opening's time, which has passed
     time.sleep(max(0.0, reopened + 0.6 - time.monotonic()))
     assert breaker.refuse_now() is False
+
+
+def test_a_closed_breaker_admits_and_records_success_without_its_lock() -> None:
+    breaker = GuardedBreaker(fail_max=2, reset_timeout=60)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with breaker._lock:
+            holding.set()
+            release.wait(timeout=5)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert holding.wait(timeout=5)
+        done = []
+        caller = threading.Thread(target=lambda: done.append(breaker.call(lambda: "ok")))
+        caller.start()
+        caller.join(timeout=2)
+        assert done == ["ok"]
+    finally:
+        release.set()
+        holder.join(timeout=5)
+
+
+def test_a_success_after_a_failure_resets_the_count_and_counts_again_from_zero() -> None:
+    breaker = GuardedBreaker(fail_max=2, reset_timeout=60)
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    assert breaker.fail_counter == 1
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.fail_counter == 0
+    with pytest.raises(ConnectionError):
+        breaker.call(fail)
+    assert breaker.current_state == STATE_CLOSED
+    with pytest.raises(CircuitBreakerError):
+        breaker.call(fail)
+    assert breaker.current_state == STATE_OPEN
