@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 
 MAX_ESCAPED_ID = 200
+#: How many escaped ids are remembered.
+ESCAPED_MEMO_ENTRIES = 4096
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 #: Ids that escape to themselves (the common case: uuids, WeCom ids), recognised in one match.
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,%d}" % MAX_ESCAPED_ID)
@@ -33,6 +36,12 @@ def escape_id(raw: str) -> str:
     """Escape one id for use as the last key segment."""
     if not isinstance(raw, str):
         raise TypeError(f"key ids are strings, got {type(raw).__name__}")
+    return _escaped(raw)
+
+
+@lru_cache(maxsize=ESCAPED_MEMO_ENTRIES)
+def _escaped(raw: str) -> str:
+    """``escape_id`` of a string, remembered: a callback escapes its few ids some 20 times."""
     if _PLAIN.fullmatch(raw):
         return raw
     out = []

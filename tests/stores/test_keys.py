@@ -9,7 +9,7 @@ import pytest
 
 from relay.stores.domain import Domain, DomainStore
 from relay.stores.envelope import EnvelopeSchema, ScalarSchema
-from relay.stores.keys import MAX_ESCAPED_ID, KeySpace, escape_id
+from relay.stores.keys import ESCAPED_MEMO_ENTRIES, MAX_ESCAPED_ID, KeySpace, _escaped, escape_id
 from relay.stores.memory import MemoryStore
 
 ESCAPED = re.compile(r"%|[A-Za-z0-9._%-]+|~[0-9a-f]{64}")
@@ -96,3 +96,13 @@ def test_a_domain_store_builds_the_key_space_keys_of_its_domain(colocated: bool,
     store = DomainStore(MemoryStore(), keys, Domain("audit", EnvelopeSchema(1, ScalarSchema()), colocated))
     assert store.key(raw) == keys.key("audit", raw, colocated)
     assert store.index_key(raw) == keys.index_key("audit", raw, colocated)
+
+
+def test_escaped_ids_are_remembered_up_to_a_bound() -> None:
+    first = escape_id("user 1/ä")
+    hits = _escaped.cache_info().hits
+    assert escape_id("user 1/ä") == first == "user%201%2F%C3%A4"
+    assert _escaped.cache_info().hits == hits + 1
+    assert _escaped.cache_info().maxsize == ESCAPED_MEMO_ENTRIES
+    with pytest.raises(TypeError):
+        escape_id(b"user 1")  # type: ignore[arg-type]
