@@ -401,14 +401,6 @@ CallLabels = tuple[str, str, str, str]
 FoldListener = Callable[[Mapping[CallLabels, Sequence[float]], Mapping[tuple[str, tuple[str, ...]], int]], None]
 
 
-def _group(groups: dict[CallLabels, list[float]], labels: CallLabels, seconds: float) -> None:
-    samples = groups.get(labels)
-    if samples is None:
-        groups[labels] = [seconds]
-    else:
-        samples.append(seconds)
-
-
 class StoreMetrics:
     """The ``StoreObserver`` behind ``/metrics/prometheus``, ``store.domains`` and the store logs.
 
@@ -446,10 +438,12 @@ class StoreMetrics:
         self._retries_seen: dict[str, int] = {}
         self._retries_lock = threading.Lock()
         self._plans: dict[str, DomainPlan] = {}
-        #: Latency histogram children by label values: ``labels()`` is a locked lookup per call.
+        #: Latency histogram and counter children by label values: ``labels()`` validates the values and
+        #: looks the child up under a lock on every call.
         self._latency_children: dict[tuple[str, str, str, str], Any] = {}
+        self._counter_children: dict[tuple[str, tuple[str, ...]], Any] = {}
         #: Calls reported since the last ``fold``; ``deque.append`` needs no lock.
-        self._pending: deque[tuple[str, str, str, str, float]] = deque()
+        self._pending: deque[tuple[CallLabels, float]] = deque()
         #: Counter increments (instrument name, label values) waiting for the next ``fold``.
         self._counts: deque[tuple[str, tuple[str, ...]]] = deque()
         #: Calls memory served because a backend refused them, waiting for the next ``fold``.
@@ -463,7 +457,7 @@ class StoreMetrics:
     def operation(self, domain: str, backend: str, op: str, outcome: str, seconds: float) -> None:
         """Queue the call for the next ``fold``: the only work done per call."""
         pending = self._pending
-        pending.append((domain, backend, op, outcome, seconds))
+        pending.append(((domain, backend, op, outcome), seconds))
         if len(pending) >= FOLD_BATCH:
             self.fold()
 
@@ -487,12 +481,12 @@ class StoreMetrics:
         with self._fold_lock:
             second = int(self._clock())
             groups: dict[CallLabels, list[float]] = {}
-            for domain, backend, op, outcome, seconds in drain(self._pending):
-                _group(groups, (domain, backend, op, outcome), seconds)
+            for labels, seconds in drain(self._pending):
+                groups.setdefault(labels, []).append(seconds)
             counts = drain(self._counts)
             for domain, backend, op, kind, seconds, mirror_skipped in drain(self._refusals):
-                _group(groups, (domain, backend, op, REJECTED), 0.0)
-                _group(groups, (domain, "memory", op, OK), seconds)
+                groups.setdefault((domain, backend, op, REJECTED), []).append(0.0)
+                groups.setdefault((domain, "memory", op, OK), []).append(seconds)
                 counts.append(("fallbacks", (domain, op, kind)))
                 if mirror_skipped:
                     counts.append(("secondary_skipped", (domain, op)))
@@ -500,7 +494,7 @@ class StoreMetrics:
             increments = CountOf(counts)
             fallbacks: CountOf[str] = CountOf()
             for (instrument, labels), count in increments.items():
-                getattr(self._i, instrument).labels(*labels).inc(count)
+                self._counter_child(instrument, labels).inc(count)
                 if instrument == "fallbacks":
                     fallbacks[labels[0]] += count
             for domain, count in fallbacks.items():
@@ -549,6 +543,14 @@ class StoreMetrics:
             self._folder.join(timeout=5)
             self._folder = None
         self.fold()
+
+    def _counter_child(self, instrument: str, labels: tuple[str, ...]) -> Any:
+        """The child of counter ``instrument`` for ``labels``."""
+        key = (instrument, labels)
+        child = self._counter_children.get(key)
+        if child is None:
+            child = self._counter_children.setdefault(key, getattr(self._i, instrument).labels(*labels))
+        return child
 
     def _latency_child(self, labels: tuple[str, str, str, str]) -> Any:
         child = self._latency_children.get(labels)
