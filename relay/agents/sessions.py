@@ -81,15 +81,20 @@ class TrackedSocket:
 
     def send(self, data: bytes) -> int:
         """Write all of ``data``, after any held frames, or raise ``OSError`` (including the send
-        timeout)."""
+        timeout). What simple-websocket calls; the sessions, which hold ``lock`` already, call
+        ``send_locked``."""
         with self.lock:
-            if self._held:
-                data = b"".join([*self._held, data])
-                self._held.clear()
-            if self._send_deadline is None:
-                self._sock.sendall(data)
-            else:
-                self._send_gevent(data)
+            return self.send_locked(data)
+
+    def send_locked(self, data: bytes) -> int:
+        """``send``, by a caller that holds ``lock``."""
+        if self._held:
+            data = b"".join([*self._held, data])
+            self._held.clear()
+        if self._send_deadline is None:
+            self._sock.sendall(data)
+        else:
+            self._send_gevent(data)
         return len(data)
 
     def _send_gevent(self, data: bytes) -> None:
@@ -109,15 +114,14 @@ class TrackedSocket:
         """Keep encoded frames for the next write (the caller holds ``lock``)."""
         self._held.append(data)
 
-    def flush(self) -> None:
-        """Write the held frames, if any; raise ``OSError`` like ``send``."""
-        with self.lock:
-            if self._held:
-                self.send(b"")
+    def flush_locked(self) -> None:
+        """Write the held frames, if any; raise ``OSError`` like ``send`` (the caller holds ``lock``)."""
+        if self._held:
+            self.send_locked(b"")
 
     def drop_held(self) -> None:
-        with self.lock:
-            self._held.clear()
+        """Forget the held frames (the caller holds ``lock``)."""
+        self._held.clear()
 
     def recv(self, bufsize: int) -> bytes:
         with self._room:
@@ -197,7 +201,7 @@ class AgentSession:
             if not self._open():
                 return False
             try:
-                self._sock.send(data)
+                self._sock.send_locked(data)
                 return True
             except OSError as exc:
                 error = exc
@@ -229,7 +233,7 @@ class AgentSession:
                 self._sock.drop_held()
                 return False
             try:
-                self._sock.flush()
+                self._sock.flush_locked()
                 return True
             except OSError as exc:
                 error = exc
@@ -248,7 +252,7 @@ class AgentSession:
             if self.closed:
                 return False
             try:
-                self._sock.send(self._server.ws.send(Ping()))
+                self._sock.send_locked(self._server.ws.send(Ping()))
                 return True
             except LocalProtocolError:
                 return False
