@@ -163,8 +163,10 @@ def verify_url(query: Mapping[str, str], config: CryptoConfig, now_s: Optional[i
 def _first_text(body: Mapping[str, Any], names: tuple[str, ...]) -> Optional[str]:
     for name in names:
         value = body.get(name)
-        if isinstance(value, str) and js_trim(value):
-            return js_trim(value)
+        if isinstance(value, str):
+            trimmed = js_trim(value)
+            if trimmed:
+                return trimmed
     return None
 
 
