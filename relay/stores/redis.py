@@ -65,6 +65,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from middleware.observer import drain
 from middleware.retry import RetryPolicy
+from relay.locks import compute_lock
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
     CounterGuard,
@@ -77,7 +78,6 @@ from relay.stores.base import (
     validate_ttl,
     validate_value,
 )
-from relay.locks import compute_lock
 from relay.stores.keys import LUA_ESCAPE_ID, escape_id
 from relay.stores.redis_connect import ClientOptions, connect, is_cluster
 from relay.stores.redis_pipeline import ConnectionPipeline, Connections

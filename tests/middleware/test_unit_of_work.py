@@ -132,10 +132,12 @@ def rampdown(redis_server: RedisServer) -> Iterator[Rig]:
     built.router.close()
 
 
-def test_a_unit_of_work_asks_a_refusing_backend_once_and_counts_every_refused_call(rampdown: Rig) -> None:
+def test_a_unit_of_work_asks_a_refusing_backend_once_and_counts_every_refused_call(
+    rampdown: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     refusals = []
     ask = rampdown.redis.refuses_calls
-    rampdown.redis.refuses_calls = lambda: refusals.append(1) or ask()  # type: ignore[method-assign]
+    monkeypatch.setattr(rampdown.redis, "refuses_calls", lambda: refusals.append(1) or ask())
     rampdown.breaker.open()
     with rampdown.router.bound():
         store = rampdown.router.store("idempotency")
@@ -175,7 +177,8 @@ def test_a_backend_that_starts_refusing_within_a_unit_of_work_is_asked_until_it_
         assert rampdown.redis.get("t:dev:idempotency:a") is not None
         rampdown.breaker.open()
         store.set("b", {"reservedAtMs": 2})
-    assert rampdown.server.client().get("t:dev:idempotency:b") is None
+    with rampdown.server.client() as inspect:
+        assert inspect.get("t:dev:idempotency:b") is None
     assert rampdown.memory.get("t:dev:idempotency:b") is not None
     assert rampdown.breaker.rejected == 1
 
