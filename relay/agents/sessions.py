@@ -27,6 +27,7 @@ from wsproto.utilities import LocalProtocolError
 
 from relay.agents.protocol import AgentConnection
 from relay.jsontext import compact_ascii, compact_bytes
+from relay.locks import compute_lock
 
 log = logging.getLogger("relay.agents")
 
@@ -56,8 +57,10 @@ class TrackedSocket:
         self._room = threading.Condition()
         self._backlog: Callable[[], int] = lambda: 0
         self._stopping = False
-        #: Encoded frames waiting for the next write (``AgentSession.hold_json``).
+        #: Encoded frames waiting for the next write (``AgentSession.hold_json``), and the lock of that
+        #: list alone: holding a frame never waits for a write in progress.
         self._held: list[bytes] = []
+        self._held_lock = compute_lock()
         #: Under gunicorn's gevent worker the socket is gevent's, non-blocking underneath, so
         #: ``SO_SNDTIMEO`` would never fire: the send deadline is a gevent timeout instead.
         self._send_deadline: Optional[Callable[[], Any]] = None
@@ -89,8 +92,9 @@ class TrackedSocket:
     def send_locked(self, data: bytes) -> int:
         """``send``, by a caller that holds ``lock``."""
         if self._held:
-            data = b"".join([*self._held, data])
-            self._held.clear()
+            with self._held_lock:
+                held, self._held = self._held, []
+            data = b"".join([*held, data])
         if self._send_deadline is None:
             self._sock.sendall(data)
         else:
@@ -111,8 +115,9 @@ class TrackedSocket:
                 self._sock.sendall(memoryview(data)[sent:])
 
     def hold(self, data: bytes) -> None:
-        """Keep encoded frames for the next write (the caller holds ``lock``)."""
-        self._held.append(data)
+        """Keep an encoded frame for the next write."""
+        with self._held_lock:
+            self._held.append(data)
 
     def flush_locked(self) -> None:
         """Write the held frames, if any; raise ``OSError`` like ``send`` (the caller holds ``lock``)."""
@@ -120,8 +125,9 @@ class TrackedSocket:
             self.send_locked(b"")
 
     def drop_held(self) -> None:
-        """Forget the held frames (the caller holds ``lock``)."""
-        self._held.clear()
+        """Forget the held frames."""
+        with self._held_lock:
+            self._held.clear()
 
     def recv(self, bufsize: int) -> bytes:
         with self._room:
@@ -214,16 +220,16 @@ class AgentSession:
         held = _holding.get()
         if held is None:
             return self.send_json(frame)
-        data = _text_frame(_json_payload(frame))
-        with self._sock.lock:
-            if not self._open():
-                return False
-            self._sock.hold(data)
+        if not self._open():
+            return False
+        self._sock.hold(_text_frame(_json_payload(frame)))
         held[self.session_id] = self
         return True
 
     def _open(self) -> bool:
-        """Frames may be sent: neither side has closed or begun closing (the caller holds the lock)."""
+        """Frames may be sent: neither side has closed or begun closing. Writers ask under the
+        socket's lock; ``hold_json`` asks without it, and a frame it holds for a socket that closes
+        meanwhile is dropped with the other held frames (``flush_held``)."""
         return not self.closed and self._server.ws.state is ConnectionState.OPEN
 
     def flush_held(self) -> bool:

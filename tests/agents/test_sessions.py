@@ -213,6 +213,29 @@ def test_frames_held_for_a_socket_that_closes_are_dropped(pair: tuple[AgentSessi
     assert session.flush_held() is False
 
 
+def test_holding_a_frame_does_not_wait_for_a_write_in_progress(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
+    session, agent, server = pair
+    order: list[str] = []
+    writing, held = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with server.sock.lock:  # as a write to a slow agent holds it
+            writing.set()
+            held.wait(timeout=5)
+            order.append("write done")
+
+    writer = threading.Thread(target=slow_write)
+    with SessionRegistry().holding():
+        writer.start()
+        assert writing.wait(timeout=5)
+        assert session.hold_json({"n": 1})
+        order.append("held")
+        held.set()
+        writer.join(timeout=5)
+    assert order == ["held", "write done"]
+    assert [json.loads(t)["n"] for t in agent.texts(1)] == [1]
+
+
 class WriteCounter:
     """Wraps the relay end's socket and records each ``sendall``."""
 
