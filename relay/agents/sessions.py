@@ -57,6 +57,8 @@ class TrackedSocket:
         self._room = threading.Condition()
         self._backlog: Callable[[], int] = lambda: 0
         self._stopping = False
+        #: The reader waits in ``_wait_for_room``: only then does ``consumed`` notify.
+        self._reader_paused = False
         #: Encoded frames waiting for the next write (``AgentSession.hold_json``), and the lock of that
         #: list alone: holding a frame never waits for a write in progress.
         self._held: list[bytes] = []
@@ -78,9 +80,10 @@ class TrackedSocket:
         self._backlog = backlog
 
     def consumed(self) -> None:
-        """The handler thread took a frame: wake the reader if it was paused."""
-        with self._room:
-            self._room.notify_all()
+        """The handler thread took a frame: wake the reader if it is paused."""
+        if self._reader_paused:
+            with self._room:
+                self._room.notify_all()
 
     def send(self, data: bytes) -> int:
         """Write all of ``data``, after any held frames, or raise ``OSError`` (including the send
@@ -130,13 +133,24 @@ class TrackedSocket:
             self._held.clear()
 
     def recv(self, bufsize: int) -> bytes:
-        with self._room:
-            self._room.wait_for(lambda: self._stopping or self._backlog() < MAX_BUFFERED_FRAMES)
+        if not self._stopping and self._backlog() >= MAX_BUFFERED_FRAMES:
+            self._wait_for_room()
         data = self._sock.recv(bufsize)
         if data:
             self.last_activity = time.monotonic()
             self.last_seen = time.time()
         return data
+
+    def _wait_for_room(self) -> None:
+        """Pause the reader until the handler has taken a frame or the socket stops. The pause is
+        marked before the backlog is looked at again, so a ``consumed`` that comes after that look
+        sees the mark and wakes the reader; one that comes before it left room the look sees."""
+        with self._room:
+            self._reader_paused = True
+            try:
+                self._room.wait_for(lambda: self._stopping or self._backlog() < MAX_BUFFERED_FRAMES)
+            finally:
+                self._reader_paused = False
 
     def fileno(self) -> int:
         return self._sock.fileno()
