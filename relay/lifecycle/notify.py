@@ -44,15 +44,16 @@ class ResultNotifier:
         self.wecom = wecom
         self.webhook = webhook
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify")
+        #: What ``notify`` returns for a push it carried out at once: one future, completed once.
+        self._pushed: Future[None] = Future()
+        self._pushed.set_result(None)
 
     def notify(self, user_id: str, summary: str, status: str, *, command_id: Optional[str],
                machine_id: str, kind: Optional[str]) -> Future[None]:
         if self.wecom is not None or self.webhook is not None:
             return self._pool.submit(self._run, self._scope, user_id, summary, status, command_id, machine_id, kind)
-        done: Future[None] = Future()
         self._run(nullcontext, user_id, summary, status, command_id, machine_id, kind)
-        done.set_result(None)
-        return done
+        return self._pushed
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait)

@@ -36,3 +36,11 @@ def test_a_push_target_runs_on_the_pool_and_leaves_the_frame_free(relay: RelayHa
     relay.drain()
     assert [user for user, _ in pushed] == ["u1"]
     assert agent.stages()[-1] == "result_push_ok"
+
+
+def test_a_push_carried_out_at_once_returns_a_completed_future(relay: RelayHarness) -> None:
+    notifier = relay.relay.notifier
+    done = notifier.notify("u1", "all green", "ok", command_id=None, machine_id="m1", kind="status")
+    assert done.done() and done.result() is None
+    again = notifier.notify("u1", "all green", "ok", command_id=None, machine_id="m1", kind="status")
+    assert again.done() and again.result() is None
