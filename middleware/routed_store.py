@@ -100,6 +100,12 @@ class RoutedStore(Store):
         #: goes through, in the next unit of work.
         self._reader_falls_back = self._can_fall_back(self._reader)
         self._auth_falls_back = self._can_fall_back(self._auth)
+        #: Redis's data losses when this store was built. A store built before the last one belongs
+        #: to a unit of work that began before it was noticed (``StoreRouter.redis_data_lost`` builds
+        #: new stores that pull from memory first): such a store treats Redis as unavailable rather
+        #: than decide anything on the emptied server.
+        self._redis = backends.get("redis")
+        self._redis_losses = self._redis.data_losses if self._redis is not None else 0
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _pull(self, *keys: str) -> None:
@@ -162,6 +168,8 @@ class RoutedStore(Store):
                 raise StoreUnavailable("journalled work on this key could not be carried out")
 
     def _call(self, backend: Store, op: str, fn: Callable[[Store], T]) -> T:
+        if backend is self._redis and backend.data_losses != self._redis_losses:
+            raise StoreUnavailable("redis lost its data after this unit of work began")
         unit = current() if self.batching and backend is self._auth else None
         if unit is not None:
             return unit.run(self, backend, op, fn(RECORDER))  # type: ignore[arg-type]

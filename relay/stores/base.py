@@ -132,6 +132,12 @@ class Store(abc.ABC):
         breaker); such a refusal is counted. Stores without a breaker never refuse."""
         return False
 
+    @property
+    def data_losses(self) -> int:
+        """How many times this backend was found to have lost its data (``RedisStore``); 0 for stores
+        that cannot lose theirs behind the process's back."""
+        return 0
+
     def count_refused(self, calls: int) -> None:
         """Count ``calls`` refused without asking ``refuses_calls`` again, after it had said ``True``
         (``middleware.unit_of_work.UnitOfWork.refuses``)."""

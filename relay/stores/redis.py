@@ -406,6 +406,10 @@ class RedisStore(Store):
         self._health.failed(_REFUSED, reachable=False)
         return True
 
+    @property
+    def data_losses(self) -> int:
+        return self._health.data_losses
+
     def count_refused(self, calls: int) -> None:
         if self.breaker is not None:
             self.breaker.count_rejected(calls)
@@ -857,7 +861,10 @@ class RedisStore(Store):
 
     def _on_connect(self, connection: Any) -> None:
         """redis-py's hook for every new connection: the usual handshake, then the marker. The first
-        command after a loss fails (``ConnectionError``), so it is not decided on the emptied server."""
+        command after a loss fails (``ConnectionError``), so it is not decided on the emptied server:
+        also on a connection whose own look found the marker already replaced by another
+        connection's, which noticed the loss while this one was connecting."""
+        losses = self._health.data_losses
         connection.on_connect()
         key = self._marker_key
         if key is None:
@@ -867,7 +874,7 @@ class RedisStore(Store):
             connection.send_command(*args)
             return connection.read_response()
 
-        if self._inspect_marker(key, execute):
+        if self._inspect_marker(key, execute) or self._health.data_losses != losses:
             raise redis.ConnectionError("redis lost its data; restoring")
 
     def _inspect_marker(self, key: str, execute: Callable[..., Any]) -> bool:

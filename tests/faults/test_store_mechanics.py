@@ -11,15 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Connection as RedisConnection
+from redis import ConnectionError as RedisConnectionError
 
 from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.observer import NullObserver
 from middleware.retry import RetryPolicy
 from middleware.routed_store import RoutedStore
+from middleware.routing import StoreRouter
 from middleware.writeback import REPAIR_REDIS, WRITE_BACK, Reconciler, WriteBackJournal, undo
+from relay.domains import idempotency
 from relay.stores.base import Store, StoreUnavailable
 from relay.stores.envelope import iso_ms
+from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.faults.app_for_faults import SwitchableMemory
@@ -82,6 +87,62 @@ def test_a_restart_without_persistence_is_noticed_on_the_next_connection(
             outcomes.append(None)
     assert outcomes[-1] is True and None in outcomes
     assert losses == [1]
+
+
+def test_a_connection_that_finds_the_marker_just_replaced_by_another_fails_its_first_command(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """Two connections made after a restart: the one whose look at the marker comes second finds the
+    epoch the first adopted. It noticed no loss itself, but its caller may have begun before the loss
+    was known, so its first command fails too."""
+    losses: list[int] = []
+    store.watch_data_loss(MARKER, lambda: losses.append(1))
+    assert store.check_data_loss() is False  # the marker is adopted
+    with redis_server.client() as direct:
+        direct.flushall()
+    connection = RedisConnection(host="127.0.0.1", port=redis_server.port, decode_responses=True)
+
+    class ConnectingWhileAnotherNotices:
+        def on_connect(self) -> None:
+            connection.connect()
+            assert store.check_data_loss() is True  # another connection notices the loss meanwhile
+
+        def send_command(self, *args: object) -> None:
+            connection.send_command(*args)
+
+        def read_response(self) -> object:
+            return connection.read_response()
+
+    try:
+        with pytest.raises(RedisConnectionError):
+            store._on_connect(ConnectingWhileAnotherNotices())
+        assert losses == [1]
+    finally:
+        connection.disconnect()
+
+
+def test_a_unit_of_work_begun_before_a_loss_does_not_decide_on_the_emptied_server(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    memory = MemoryStore()
+    router = StoreRouter(KeySpace("t", "dev"), {"idempotency": idempotency.DOMAIN},
+                         {"memory": memory, "redis": store}, {"idempotency": PRESETS["redis-read"]})
+    store.watch_data_loss(MARKER, router.redis_data_lost)
+    try:
+        assert store.check_data_loss() is False
+        with router.bound():
+            assert router.store("idempotency").set_if_absent("m1", {"reservedAtMs": 1}) is True
+        with router.bound():
+            stale = router.store("idempotency")
+            with redis_server.client() as direct:
+                direct.flushall()
+            assert store.check_data_loss() is True  # noticed while this unit of work runs
+            # decided by memory, which holds every reservation, not by the emptied server
+            assert stale.set_if_absent("m1", {"reservedAtMs": 2}) is False
+            assert stale.set_if_absent("m2", {"reservedAtMs": 2}) is True
+        with router.bound():  # a unit of work begun after: Redis, with memory pulled over first
+            assert router.store("idempotency").set_if_absent("m1", {"reservedAtMs": 3}) is False
+            assert router.store("idempotency").set_if_absent("m2", {"reservedAtMs": 3}) is False
+    finally:
+        router.close()
 
 
 def test_the_periodic_check_opening_the_first_connection_does_not_deadlock(store: RedisStore) -> None:
