@@ -145,6 +145,26 @@ def test_a_unit_of_work_begun_before_a_loss_does_not_decide_on_the_emptied_serve
         router.close()
 
 
+def test_without_a_memory_copy_a_unit_of_work_begun_before_a_loss_fails_as_in_an_outage(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    router = StoreRouter(KeySpace("t", "dev"), {"idempotency": idempotency.DOMAIN},
+                         {"memory": MemoryStore(), "redis": store}, {"idempotency": PRESETS["redis-primary"]})
+    store.watch_data_loss(MARKER, router.redis_data_lost)
+    try:
+        assert store.check_data_loss() is False
+        with router.bound():
+            stale = router.store("idempotency")
+            with redis_server.client() as direct:
+                direct.flushall()
+            assert store.check_data_loss() is True
+            with pytest.raises(StoreUnavailable):
+                stale.set_if_absent("m1", {"reservedAtMs": 1})
+        with router.bound():  # the sender's retry, after: decided by Redis
+            assert router.store("idempotency").set_if_absent("m1", {"reservedAtMs": 2}) is True
+    finally:
+        router.close()
+
+
 def test_the_periodic_check_opening_the_first_connection_does_not_deadlock(store: RedisStore) -> None:
     store.watch_data_loss(MARKER, lambda: None)
     checker = threading.Thread(target=store.check_data_loss, daemon=True)
