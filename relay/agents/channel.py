@@ -1,8 +1,9 @@
 """The agent WebSocket route (``/agent``) and its per-connection loop.
 
-The route builds the simple-websocket ``Server`` itself rather than through ``flask_sock.Sock.route``:
-that wrapper constructs the server before any code of ours runs, so it could neither answer a plain
-or malformed request with the reference's responses, nor hand simple-websocket the tracked socket
+The route builds the simple-websocket server (``AgentServer``, whose reader decodes the common frames
+itself) rather than through ``flask_sock.Sock.route``: that wrapper constructs the server before any
+code of ours runs, so it could neither answer a plain or malformed request with the reference's
+responses, nor hand simple-websocket the tracked socket
 (locked whole-frame writes, send timeout, activity stamps), nor refuse permessage-deflate (the
 reference runs without it, and each compressing socket would keep its own zlib state). The
 hand-over to gunicorn after the socket ends is the one flask-sock uses.
@@ -25,6 +26,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
 from relay.agents.auth import CLOSE_UNAUTHORIZED, AgentAuth
+from relay.agents.frames import AgentServer
 from relay.agents.protocol import AgentConnection, AgentEventHandler
 from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
 from relay.ids import valid_id
@@ -167,7 +169,7 @@ class AgentChannel:
             raise RuntimeError("the WSGI server does not expose the client socket")
         tracked = TrackedSocket(raw, send_timeout_s=self.settings.send_timeout_s)
         ws_environ[key] = tracked
-        server = Server(ws_environ, max_message_size=self.settings.max_message_bytes)
+        server = AgentServer(ws_environ, max_message_size=self.settings.max_message_bytes)
         return server, tracked
 
     def _serve(self, session: AgentSession, authorization: Optional[str] = None) -> None:

@@ -1,4 +1,4 @@
-"""AgentSession over a real simple-websocket Server (on a socketpair), and SessionRegistry."""
+"""AgentSession over the relay's simple-websocket server (on a socketpair), and SessionRegistry."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from simple_websocket import ConnectionClosed, Server
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
 
+from relay.agents.frames import AgentServer
 from relay.agents.sessions import MAX_BUFFERED_FRAMES, AgentSession, SessionRegistry, TrackedSocket, _text_frame
 from tests.support.helpers import race
 from tests.support.live_relay import PROJECT_ROOT
@@ -73,7 +74,9 @@ def pair() -> Iterator[tuple[AgentSession, AgentEnd, Server]]:
     agent.sock.close()
 
 
-def open_pair(send_timeout_s: float = 5.0, small_buffers: bool = False) -> tuple[AgentSession, AgentEnd, Server]:
+def open_pair(
+    send_timeout_s: float = 5.0, small_buffers: bool = False, max_message_bytes: int = 1 << 20
+) -> tuple[AgentSession, AgentEnd, Server]:
     relay_sock, agent_sock = socket.socketpair()
     if small_buffers:
         relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -87,7 +90,7 @@ def open_pair(send_timeout_s: float = 5.0, small_buffers: bool = False) -> tuple
             environ["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
     tracked = TrackedSocket(relay_sock, send_timeout_s=send_timeout_s)
     environ["gunicorn.socket"] = tracked
-    server = Server(environ)
+    server = AgentServer(environ, max_message_size=max_message_bytes)
     agent = AgentEnd(agent_sock, client)
     assert any(isinstance(e, AcceptConnection) for e in agent.events(until=AcceptConnection))
     return AgentSession(server, tracked), agent, server
