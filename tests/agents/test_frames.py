@@ -130,6 +130,70 @@ def test_an_odd_frame_is_recognised_from_its_header_before_its_payload_arrives()
     assert frames.feed(odd[20:]) == [ForWsproto(odd[20:])]
 
 
+
+def wsproto_outcome(frames: Optional[ClientFrames], chunks: list[bytes]) -> list[Any]:
+    """Messages and close codes a server gets from ``chunks``: through ``frames`` and wsproto, or
+    (``frames`` ``None``) through wsproto alone. Fragments are joined as simple-websocket joins them."""
+    server = Connection(ConnectionType.SERVER)
+    outcome: list[Any] = []
+    partial: list[Any] = []
+
+    def from_wsproto(data: bytes) -> bool:
+        server.receive_data(data)
+        for event in server.events():
+            if isinstance(event, CloseConnection):
+                outcome.append(("close", event.code))
+                return False
+            if isinstance(event, (TextMessage, BytesMessage)):
+                partial.append(event.data)
+                if event.message_finished:
+                    outcome.append(type(partial[0])().join(partial))
+                    partial.clear()
+            elif isinstance(event, (Ping, Pong)):
+                outcome.append((type(event).__name__, bytes(event.payload)))
+        return True
+
+    for chunk in chunks:
+        items: list[Decoded] = [ForWsproto(chunk)] if frames is None else frames.feed(chunk)
+        for item in items:
+            if isinstance(item, ForWsproto):
+                if not from_wsproto(item.data):
+                    return outcome
+            else:
+                outcome.append(item)
+    return outcome
+
+
+def random_frame(rng: random.Random) -> bytes:
+    """Mostly frames agents send, now and then one of the odd ones."""
+    roll = rng.random()
+    if roll < 0.55:
+        text = "".join(rng.choice("ab状态 {}\"") for _ in range(rng.choice((0, 5, 130, 300))))
+        return client_frame(TextMessage(data=text))
+    if roll < 0.65:
+        return client_frame(BytesMessage(data=os.urandom(rng.choice((0, 3, 200)))))
+    if roll < 0.75:
+        return client_frame(rng.choice((Ping, Pong))(payload=os.urandom(rng.randint(0, 20))))
+    if roll < 0.8:
+        return client_frame(TextMessage(data="part", message_finished=False)) + client_frame(
+            TextMessage(data=" end"))
+    return rng.choice([*ODD_FRAMES.values(), masked(0x81, b"\xc3"), masked(0x81, b"ok")])
+
+
+def test_any_stream_gives_the_messages_and_close_codes_wsproto_alone_gives() -> None:
+    limit = 1 << 20  # above every frame here: the size limit is simple-websocket's, not wsproto's
+    for seed in range(300):
+        rng = random.Random(seed)
+        stream = b"".join(random_frame(rng) for _ in range(rng.randint(1, 12)))
+        chunks, pos = [], 0
+        while pos < len(stream):
+            step = rng.choice((1, 5, 64, 700, 4096))
+            chunks.append(stream[pos:pos + step])
+            pos += step
+
+        assert wsproto_outcome(ClientFrames(limit), chunks) == wsproto_outcome(None, chunks), seed
+
+
 # -- AgentServer: the relay's end of a socketpair, a wsproto client at the other ------------------
 @pytest.fixture
 def pair() -> Iterator[tuple[AgentSession, AgentEnd]]:
