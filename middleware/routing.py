@@ -9,11 +9,10 @@ units of work already running keep the snapshot they started with.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,6 +44,40 @@ class Binding:
 
 
 _current: contextvars.ContextVar[Optional[Binding]] = contextvars.ContextVar("store_binding", default=None)
+
+
+class BoundScope:
+    """The context manager ``StoreRouter.bound`` returns; entering it gives the bound ``Binding``.
+
+    A class rather than a generator: each callback enters two (its request and its agent's result
+    frame), and a generator-based context manager costs several times as much."""
+
+    __slots__ = ("_router", "_fresh", "_token", "_unit")
+
+    _unit: contextvars.Token[Optional[unit_of_work.UnitOfWork]]
+
+    def __init__(self, router: StoreRouter, fresh: bool) -> None:
+        self._router = router
+        self._fresh = fresh
+        self._token: Optional[contextvars.Token[Optional[Binding]]] = None
+
+    def __enter__(self) -> Binding:
+        existing = _current.get()
+        if existing is not None and not self._fresh:
+            return existing
+        binding = self._router.snapshot()
+        self._token = _current.set(binding)
+        self._unit = unit_of_work.begin()
+        return binding
+
+    def __exit__(self, *exc: object) -> None:
+        token, self._token = self._token, None
+        if token is None:
+            return
+        try:
+            unit_of_work.end(self._unit)
+        finally:
+            _current.reset(token)
 
 
 class StoreRouter:
@@ -176,29 +209,15 @@ class StoreRouter:
         """The configuration in force now."""
         return self._binding
 
-    @contextlib.contextmanager
-    def bound(self, fresh: bool = False) -> Iterator[Binding]:
-        """Bind one snapshot for the duration of a request, frame or sweep.
+    def bound(self, fresh: bool = False) -> BoundScope:
+        """Bind one snapshot for the duration of a request, frame or sweep (``with``).
 
         Nested scopes keep the outer snapshot, so a unit of work never mixes two; ``fresh``
         starts a new unit of work inside a long-lived one (each frame of an agent socket,
         whose upgrade request lasts as long as the connection). Each scope has its
         ``middleware.unit_of_work.UnitOfWork``, flushed when the scope ends.
         """
-        existing = _current.get()
-        if existing is not None and not fresh:
-            yield existing
-            return
-        binding = self.snapshot()
-        token = _current.set(binding)
-        unit = unit_of_work.begin()
-        try:
-            yield binding
-        finally:
-            try:
-                unit_of_work.end(unit)
-            finally:
-                _current.reset(token)
+        return BoundScope(self, fresh)
 
     def store(self, domain: str) -> DomainStore:
         """The bound store for ``domain``; outside any scope, the current snapshot's."""

@@ -14,8 +14,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Optional, Union
 
@@ -358,6 +357,22 @@ def _clip_reason(reason: str) -> Optional[str]:
     return data.decode("utf-8", errors="ignore") or None
 
 
+class HeldFrames:
+    """The context manager ``SessionRegistry.holding`` returns. A class rather than a generator:
+    each callback enters two, and a generator-based context manager costs several times as much."""
+
+    __slots__ = ("_held", "_token")
+
+    def __enter__(self) -> None:
+        self._held: dict[str, AgentSession] = {}
+        self._token = _holding.set(self._held)
+
+    def __exit__(self, *exc: object) -> None:
+        _holding.reset(self._token)
+        for session in self._held.values():
+            session.flush_held()
+
+
 class SessionRegistry:
     """Process-local machineId → session map. Thread-safe."""
 
@@ -415,20 +430,13 @@ class SessionRegistry:
             return session.hold_json(frame)
         return session.send_json(frame)
 
-    @contextmanager
-    def holding(self) -> Iterator[None]:
-        """Frames sent with ``hold`` inside the block wait for the next frame to the same socket, or
-        for the end of the block: one write instead of several. A callback's traces then go out with
-        its command and once more at the end, instead of in four writes. An inner block sends what it
-        held when it ends (each agent frame is one, inside the request that opened the socket)."""
-        held: dict[str, AgentSession] = {}
-        token = _holding.set(held)
-        try:
-            yield
-        finally:
-            _holding.reset(token)
-            for session in held.values():
-                session.flush_held()
+    def holding(self) -> HeldFrames:
+        """Frames sent with ``hold`` inside the block (``with``) wait for the next frame to the same
+        socket, or for the end of the block: one write instead of several. A callback's traces then
+        go out with its command and once more at the end, instead of in four writes. An inner block
+        sends what it held when it ends (each agent frame is one, inside the request that opened the
+        socket)."""
+        return HeldFrames()
 
     def machine_ids(self) -> list[str]:
         with self._lock:
