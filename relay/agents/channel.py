@@ -3,10 +3,10 @@
 The route builds the simple-websocket server (``AgentServer``, whose reader decodes the common frames
 itself) rather than through ``flask_sock.Sock.route``: that wrapper constructs the server before any
 code of ours runs, so it could neither answer a plain or malformed request with the reference's
-responses, nor hand simple-websocket the tracked socket
-(locked whole-frame writes, send timeout, activity stamps), nor refuse permessage-deflate (the
-reference runs without it, and each compressing socket would keep its own zlib state). The
-hand-over to gunicorn after the socket ends is the one flask-sock uses.
+responses, nor hand simple-websocket the tracked socket (locked whole-frame writes, send timeout,
+activity stamps), nor refuse permessage-deflate (the reference runs without it, and each compressing
+socket would keep its own zlib state). The hand-over to gunicorn after the socket ends is the one
+flask-sock uses.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flask import Flask, Response, request
-from simple_websocket import ConnectionClosed, Server
+from simple_websocket import ConnectionClosed
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
@@ -159,7 +159,7 @@ class AgentChannel:
         with self._lock:
             self._reserved -= 1
 
-    def _accept(self, environ: dict[str, Any]) -> tuple[Server, TrackedSocket]:
+    def _accept(self, environ: dict[str, Any]) -> tuple[AgentServer, TrackedSocket]:
         """Complete the handshake on a copy of the environ: tracked socket in, deflate offer out."""
         ws_environ = dict(environ)
         ws_environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)

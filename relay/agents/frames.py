@@ -55,12 +55,8 @@ class ClientFrames:
     def __init__(self, max_message_bytes: int) -> None:
         self._max = max_message_bytes
         self._partial = bytearray()
+        #: A frame was passed on undecoded: from then on every byte goes to wsproto.
         self._handed_over = False
-
-    @property
-    def handed_over(self) -> bool:
-        """A frame was passed on undecoded: from then on every byte goes to wsproto."""
-        return self._handed_over
 
     def feed(self, data: bytes) -> list[Decoded]:
         """What ``data`` completes, after the bytes kept from earlier calls."""
@@ -114,7 +110,7 @@ class ClientFrames:
         if buffer is self._partial:
             if pos:
                 del self._partial[:pos]
-        else:
+        elif pos < len(buffer):  # ``_partial`` is empty when ``feed`` starts from ``data`` alone
             self._partial = bytearray(buffer[pos:])
 
     def _hand_over(self, out: list[Decoded], buffer: Union[bytes, bytearray], pos: int) -> list[Decoded]:
