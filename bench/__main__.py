@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from bench import audit, callbacks, instructions, store
+from bench import audit, callbacks, frames, instructions, store
 
 Section = Callable[[], dict[str, Any]]
 
 SECTIONS: list[tuple[str, Section]] = [
     ("store", store.run),
+    ("frames", frames.run),
     ("callbacks", callbacks.run),
     ("instructions", instructions.run),
     ("audit", audit.run),
