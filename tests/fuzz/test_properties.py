@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Any
+from typing import Any, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -156,10 +156,31 @@ def test_any_frame_is_an_object_or_nothing(message: Any) -> None:
     assert frame is None or isinstance(frame, dict)
 
 
+def _as_json_parse_reads(digits: str) -> Union[int, float]:
+    """An integer as ``parse_strict`` reads it: within 64 bits as it is, beyond as a float (as
+    ``JSON.parse`` does), and beyond a float's range (which orjson refuses) whole, as the standard
+    library reads it."""
+    number = int(digits)
+    if -(2**63) <= number < 2**64:
+        return number
+    try:
+        return float(number)
+    except OverflowError:
+        return number
+
+
 @FAST
 @given(JSON_VALUES)
 def test_json_text_round_trips(value: Any) -> None:
-    assert parse_strict(json.dumps(value)) == value
+    text = json.dumps(value)
+    assert parse_strict(text) == json.loads(text, parse_int=_as_json_parse_reads)
+
+
+def test_integers_just_beyond_64_bits_come_back_as_floats() -> None:
+    read = parse_strict(json.dumps([-(2**63), -(2**63) - 1, 2**64 - 1, 2**64]))
+
+    assert read == [-(2**63), float(-(2**63) - 1), 2**64 - 1, float(2**64)]
+    assert [type(number) for number in read] == [int, float, int, float]
 
 
 @FAST
