@@ -21,7 +21,7 @@ from typing import Any, Optional
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.support.redisproc import HOST, RedisServerError, free_port, stop_processes
+from tests.support.redisproc import HOST, RedisServerError, free_ports, stop_processes
 
 SLOTS = 16384
 
@@ -67,8 +67,9 @@ class LocalRedisCluster:
         """Start the nodes, create the cluster and wait until it serves every slot."""
         total = self.masters * (1 + self.replicas_per_master)
         try:
-            for _ in range(total):
-                self._spawn(free_port(), free_port())
+            ports = free_ports(2 * total)
+            for port, bus_port in zip(ports[::2], ports[1::2]):
+                self._spawn(port, bus_port)
             for port in self.ports:
                 self._wait_ping(port)
             self._create()

@@ -44,12 +44,27 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float = 
 
 def free_port() -> int:
     """A loopback TCP port that is free right now (never 6379)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different loopback TCP ports, free right now (never 6379). They are held together
+    while they are picked: asked for one at a time, the same port can come back twice."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)
             sock.bind((HOST, 0))
             port = sock.getsockname()[1]
-        if port != RESERVED_PORT:
-            return port
+            if port != RESERVED_PORT:
+                ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
 
 
 class RedisServer:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import redis
 
-from tests.support.redisproc import HOST, RedisServerError, free_port, stop_processes
+from tests.support.redisproc import HOST, RedisServerError, free_ports, stop_processes
 
 MASTER_NAME = "mymaster"
 
@@ -79,15 +79,16 @@ class LocalSentinel:
     def start(self) -> "LocalSentinel":
         """Start the primary, its replicas and the sentinels; wait until the setup can fail over."""
         try:
-            primary = self._spawn_data(free_port())
-            for _ in range(self.replica_count):
-                self._spawn_data(free_port(), replica_of=primary)
+            first, *others = free_ports(1 + self.replica_count)
+            primary = self._spawn_data(first)
+            for port in others:
+                self._spawn_data(port, replica_of=primary)
             for port in self.data_ports:
                 self._wait(lambda port=port: self._ping(port), f"data node {port} did not answer PING")
             for port in self.data_ports[1:]:
                 self._wait(lambda port=port: self._replica_in_sync(port), f"replica {port} did not sync")
             self._wait(lambda: self._replicas_caught_up(primary), "the replicas did not catch up")
-            ports = [free_port() for _ in range(self.sentinel_count)]
+            ports = free_ports(self.sentinel_count)
             ids = {port: secrets.token_hex(20) for port in ports}
             for port in ports:
                 self._spawn_sentinel(port, primary, ids)
