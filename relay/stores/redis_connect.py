@@ -21,6 +21,7 @@ for what must run on one connection of that node (``WAIT`` after a write, sharde
 from __future__ import annotations
 
 import select
+import socket
 import sys
 import threading
 import time
@@ -31,6 +32,8 @@ from typing import Any, Optional, Union
 
 import redis
 from redis._parsers import _HiredisParser
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
@@ -47,19 +50,77 @@ FOLLOW_INTERVAL_S = 0.5
 class ReadinessParser(_HiredisParser):
     """hiredis's parser with a cheaper "is anything unread?" check.
 
-    redis-py asks it at every connection checkout (``can_read()``, no timeout). Under gunicorn's
-    gevent worker ``select.poll`` is gevent's, which goes through the event loop even for a zero
-    timeout (about a tenth of the worker's py-spy samples in Redis mode). A zero-timeout check cannot
-    block, so it asks the operating system's ``poll``; a check with a timeout takes the cooperative
-    path as before.
+    redis-py asks it at every connection checkout (``can_read()``, no timeout), and so do the
+    store's pipelines (``relay.stores.redis_pipeline.Connections``). Under gunicorn's gevent worker
+    ``select.poll`` is gevent's, which goes through the event loop even for a zero timeout (about a
+    tenth of the worker's py-spy samples in Redis mode). A zero-timeout check cannot block, so it
+    asks the operating system's ``poll``, through one poll object per connection made when it
+    connects; a check with a timeout takes the cooperative path as before. TLS sockets, which may
+    hold decrypted bytes above the OS socket, always take redis-py's path.
+
+    It also reads a pipeline's replies in one call (``read_replies``).
     """
 
+    #: The operating system's poll object watching this connection's socket; ``None`` while
+    #: disconnected and on TLS.
+    _unread: Any = None
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)
+        if not _buffers_decrypted(type(self._sock)):
+            unread = _os_poll()()
+            unread.register(self._sock, select.POLLIN)
+            self._unread = unread
+
+    def on_disconnect(self) -> None:
+        super().on_disconnect()
+        self._unread = None
+
     def can_read(self, timeout: float = 0) -> bool:
-        sock, reader = self._sock, self._reader
-        if (timeout == 0 and sock is not None and reader is not None and not reader.has_data()
-                and not _buffers_decrypted(type(sock)) and not _readable_now(sock)):
+        unread, reader = self._unread, self._reader
+        if timeout == 0 and unread is not None and reader is not None and not reader.has_data() \
+                and not unread.poll(0):
             return False
         return super().can_read(timeout)
+
+    def read_replies(self, count: int) -> list[Any]:
+        """The next ``count`` replies, as ``count`` calls of ``read_response`` would give them, except
+        that an error reply (``redis.ResponseError``) is returned in its place rather than raised,
+        and a push notification (RESP3) is handled as ``read_response`` handles it.
+
+        A pipeline reads one reply per command; through ``Connection.read_response`` each costs two
+        method layers, a host string and a type check per reply, more than hiredis's parse. Errors
+        are raised as ``read_response`` raises them: a reply that is a ``redis.ConnectionError``
+        (``LOADING``, too many clients), ``redis.TimeoutError`` on a socket timeout, and
+        ``redis.ConnectionError`` when the server closed the connection or the socket failed. The
+        caller disconnects the connection on any of them, as ``read_response`` does."""
+        sock, reader = self._sock, self._reader
+        if sock is None or reader is None:
+            raise redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+        buffer, push_type = self._buffer, self._hiredis_PushNotificationType
+        replies: list[Any] = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                try:
+                    size = sock.recv_into(buffer)
+                except socket.timeout:
+                    raise redis.TimeoutError("Timeout reading from socket") from None
+                except OSError as error:
+                    raise redis.ConnectionError(f"Error while reading from socket: {error.args}") from None
+                if size == 0:
+                    raise redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+                reader.feed(buffer, 0, size)
+                continue
+            if isinstance(reply, redis.ConnectionError):
+                raise reply
+            if push_type is not None and isinstance(reply, push_type):
+                self.handle_push_response(reply)
+                continue
+            if type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
+                raise reply[0]
+            replies.append(reply)
+        return replies
 
 
 @lru_cache(maxsize=None)
@@ -68,13 +129,6 @@ def _buffers_decrypted(socket_type: type) -> bool:
     of the type: a gevent socket answers a failed lookup by trying the socket it wraps, building two
     ``AttributeError``s per check."""
     return hasattr(socket_type, "pending")
-
-
-def _readable_now(sock: Any) -> bool:
-    """``sock`` has bytes (or EOF) to read, asked of the OS without waiting."""
-    poller = _os_poll()()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 @lru_cache(maxsize=None)

@@ -7,21 +7,26 @@ its own retry loop and per-pipeline observability. Its ``ConnectionPool`` adds a
 and four observability records to every checkout and return. Measured under load, those layers
 cost more relay CPU than the round trip itself. The store already validates arguments, converts
 replies and retries on its own (``relay/stores/redis.py``), so this pipeline keeps only what a round
-trip needs, through redis-py's public connection API: the commands packed into one write, and one
-reply read per command. The commands are packed by hiredis, one call each (``pack``).
+trip needs: the commands packed into one write, and one reply read per command. The commands are
+packed by hiredis, one call each (``pack``). The replies are read by the store's parser in one call
+(``ReadinessParser.read_replies``, ``relay/stores/redis_connect.py``), or through redis-py's
+``read_response`` one by one on a connection with another parser.
 
 A command the server answers with an error leaves its ``redis.ResponseError`` (or subclass, such as
 ``OutOfMemoryError``) in the reply list; the connection stays in step because every reply is read.
-A connection error or timeout is raised as redis-py raises it, and redis-py disconnects the
-connection, which may hold half a reply, before it is handed back.
+A connection error or timeout is raised as redis-py raises it, and the connection, which may hold
+half a reply, is disconnected before it is handed back.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 from hiredis import pack_command
+
+from relay.stores.redis_connect import ReadinessParser
 
 
 def pack(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
@@ -31,12 +36,36 @@ def pack(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
     splitting of multi-word names, chunk buffering) that costs three times the packing itself.
     Here each command is one ``hiredis.pack_command`` call; what that refuses (an argument of
     another type) and multi-word command names go through redis-py as before."""
+    for command in commands:
+        if " " in command[0]:
+            return connection.pack_commands(commands)
     try:
-        if not any(" " in command[0] for command in commands):
-            return [b"".join([pack_command(command) for command in commands])]
+        return [b"".join([pack_command(command) for command in commands])]
     except TypeError:
-        pass
-    return connection.pack_commands(commands)
+        return connection.pack_commands(commands)
+
+
+def read_replies(connection: Any, count: int) -> list[Any]:
+    """The next ``count`` replies on ``connection``, an error reply in its place. From the parser in
+    one call where it can (``ReadinessParser.read_replies``), else one ``read_response`` each.
+    A failure disconnects the connection, as ``read_response`` does."""
+    parser = connection._parser
+    if not isinstance(parser, ReadinessParser):
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as error:
+                replies.append(error)
+        return replies
+    try:
+        replies = parser.read_replies(count)
+    except BaseException:
+        connection.disconnect()
+        raise
+    if connection.health_check_interval:
+        connection.next_health_check = time.monotonic() + connection.health_check_interval
+    return replies
 
 
 class Connections:
@@ -65,8 +94,8 @@ class Connections:
         except IndexError:
             return self.pool.get_connection()
         try:
-            ready = connection.is_connected and not connection.can_read()
-        except redis.ConnectionError:  # the parser read EOF
+            ready = connection.is_connected and not connection._parser.can_read()
+        except (redis.ConnectionError, OSError):  # the parser read EOF, or the socket failed
             ready = False
         if not ready:
             connection.disconnect()
@@ -98,12 +127,7 @@ class ConnectionPipeline:
         connection = self._connections.take()
         try:
             connection.send_packed_command(pack(connection, commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as error:
-                    replies.append(error)
+            replies = read_replies(connection, len(commands))
         finally:
             self._connections.give_back(connection)
         if raise_on_error:

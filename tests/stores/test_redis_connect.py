@@ -3,7 +3,9 @@ Sentinel pool that re-asks where the primary is."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -135,3 +137,92 @@ def test_only_a_tls_socket_is_taken_to_hold_decrypted_bytes_above_the_os_socket(
 
     assert _buffers_decrypted(ssl.SSLSocket) and _buffers_decrypted(gevent.ssl.SSLSocket)
     assert not _buffers_decrypted(socket.socket) and not _buffers_decrypted(gevent.socket.socket)
+
+
+# -- a pipeline's replies read in one call ----------------------------------------------------------
+#: Replies of every RESP2 and RESP3 kind the store meets, error replies and a push notification
+#: (client tracking's invalidation, which ``read_response`` handles and skips) among them.
+REPLIES = (b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*2\r\n$1\r\na\r\n,2.5\r\n-ERR wrong number\r\n"
+           b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n%1\r\n+k\r\n:1\r\n_\r\n"
+           b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n*0\r\n$0\r\n\r\n")
+REPLY_COUNT = 11
+
+
+@pytest.fixture
+def parser_reading() -> Iterator[Callable[..., ReadinessParser]]:
+    """``parser_reading(data, read_size=65536, close=True)``: a ``ReadinessParser`` connected, as
+    redis-py connects it, to a socket that holds ``data`` (then end of file, with ``close``)."""
+    import socket
+
+    held: list[Any] = []
+
+    def make(data: bytes, read_size: int = 65536, close: bool = True) -> ReadinessParser:
+        ours, theirs = socket.socketpair()
+        ours.settimeout(0.2)
+        theirs.sendall(data)
+        if close:
+            theirs.close()
+        connection = redis.Connection(socket_timeout=0.2, decode_responses=True)
+        connection._sock = ours
+        parser = ReadinessParser(socket_read_size=read_size)
+        parser.on_connect(connection)
+        held.extend((connection, ours, theirs))
+        return parser
+
+    yield make
+    for thing in held:
+        if isinstance(thing, socket.socket):
+            thing.close()
+
+
+def _one_by_one(parser: ReadinessParser, count: int) -> list[object]:
+    replies: list[object] = []
+    for _ in range(count):
+        try:
+            replies.append(parser.read_response())
+        except redis.ResponseError as error:
+            replies.append(error)
+    return replies
+
+
+def _comparable(replies: list[object]) -> list[object]:
+    return [(type(r).__name__, str(r)) if isinstance(r, Exception) else r for r in replies]
+
+
+@pytest.mark.parametrize("read_size", [1, 3, 7, 65536])
+def test_replies_read_together_are_those_read_one_by_one(parser_reading: Callable[..., ReadinessParser],
+                                                         read_size: int) -> None:
+    together = parser_reading(REPLIES, read_size).read_replies(REPLY_COUNT)
+    one_by_one = _one_by_one(parser_reading(REPLIES, read_size), REPLY_COUNT)
+    assert _comparable(together) == _comparable(one_by_one)
+    assert together[:4] == ["OK", 42, "hello", None] and together[-2:] == [[], ""]
+    assert together[4] == ["a", 2.5] and together[6] == {"k": 1} and together[7] is None
+    assert type(together[5]) is redis.ResponseError and "wrong number" in str(together[5])
+    assert type(together[8]) is redis.ResponseError and "WRONGTYPE" in str(together[8])
+
+
+def test_a_reply_that_means_the_server_cannot_serve_is_raised(parser_reading: Callable[..., ReadinessParser]) -> None:
+    parser = parser_reading(b"+OK\r\n-LOADING Redis is loading the dataset in memory\r\n+OK\r\n")
+    with pytest.raises(redis.BusyLoadingError):
+        parser.read_replies(3)
+
+
+def test_the_server_closing_mid_reply_is_a_connection_error(parser_reading: Callable[..., ReadinessParser]) -> None:
+    parser = parser_reading(b"+OK\r\n$10\r\nhal")
+    with pytest.raises(redis.ConnectionError, match="Connection closed by server"):
+        parser.read_replies(2)
+
+
+def test_a_server_that_does_not_answer_in_time_is_a_timeout(parser_reading: Callable[..., ReadinessParser]) -> None:
+    parser = parser_reading(b"+OK\r\n", close=False)
+    with pytest.raises(redis.TimeoutError):
+        parser.read_replies(2)
+
+
+def test_reading_a_disconnected_parser_is_a_connection_error(parser_reading: Callable[..., ReadinessParser]) -> None:
+    parser = parser_reading(b"+OK\r\n")
+    parser.on_disconnect()
+    with pytest.raises(redis.ConnectionError):
+        parser.read_replies(1)
+    with pytest.raises(redis.ConnectionError):
+        parser.can_read()

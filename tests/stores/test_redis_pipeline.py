@@ -9,13 +9,17 @@ import redis
 
 from relay.stores.base import Op
 from relay.stores.redis import RedisStore
+from relay.stores.redis_connect import ReadinessParser
 from relay.stores.redis_pipeline import ConnectionPipeline, Connections, pack
 from tests.support.redisproc import RedisServer
 
 
-@pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=0.2)
+@pytest.fixture(params=["redis-py parser", "ReadinessParser"])
+def client(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """A client with redis-py's hiredis parser (replies read one ``read_response`` each) or with the
+    store's (``ReadinessParser.read_replies``)."""
+    extra = {"parser_class": ReadinessParser} if request.param == "ReadinessParser" else {}
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=0.2, **extra)
     yield client
     client.close()
 
