@@ -62,9 +62,10 @@ class Recorder:
 RECORDER = Recorder()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Queued:
-    """A call waiting for the unit of work's next round trip."""
+    """A call waiting for the unit of work's next round trip (not frozen: cheaper to make, as
+    ``relay.stores.redis._Queued``)."""
 
     store: "RoutedStore"
     label: str
