@@ -19,6 +19,7 @@ half a reply, is disconnected before it is handed back.
 """
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,39 @@ def pack(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
         return [b"".join([pack_command(command) for command in commands])]
     except TypeError:
         return connection.pack_commands(commands)
+
+#: How redis-py's own connection classes send; a class that overrides it keeps its override.
+_REDIS_PY_SEND = redis.Connection.send_packed_command
+
+
+def send(connection: Any, packed: list[bytes]) -> None:
+    """``connection.send_packed_command(packed)``, with one ``send`` where it can.
+
+    On a connected connection without health checks, whose class sends as redis-py does, a payload
+    in one piece goes to the socket's ``send``, which takes all of it when the socket buffer has
+    room (a pipeline's few hundred bytes), and ``sendall`` has the rest; gevent's ``sendall`` alone
+    loops with deadline bookkeeping and a memoryview per call. Failures are redis-py's:
+    ``redis.TimeoutError`` or ``redis.ConnectionError``, the connection disconnected first."""
+    sock = connection._sock
+    if (sock is None or connection.health_check_interval or len(packed) != 1
+            or type(connection).send_packed_command is not _REDIS_PY_SEND):
+        connection.send_packed_command(packed)
+        return
+    payload = packed[0]
+    try:
+        sent = sock.send(payload)
+        if sent < len(payload):
+            sock.sendall(memoryview(payload)[sent:])
+    except socket.timeout:
+        connection.disconnect()
+        raise redis.TimeoutError("Timeout writing to socket") from None
+    except OSError as error:
+        connection.disconnect()
+        errno, message = error.args if len(error.args) == 2 else ("UNKNOWN", error.args[0] if error.args else "")
+        raise redis.ConnectionError(f"Error {errno} while writing to socket. {message}.") from None
+    except BaseException:
+        connection.disconnect()
+        raise
 
 
 def read_replies(connection: Any, count: int) -> list[Any]:
@@ -126,7 +160,7 @@ class ConnectionPipeline:
             return []
         connection = self._connections.take()
         try:
-            connection.send_packed_command(pack(connection, commands))
+            send(connection, pack(connection, commands))
             replies = read_replies(connection, len(commands))
         finally:
             self._connections.give_back(connection)

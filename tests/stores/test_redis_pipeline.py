@@ -2,7 +2,9 @@
 in place, and a connection that never goes back to the pool out of step with the server."""
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
+from typing import Any, Optional
 
 import pytest
 import redis
@@ -10,7 +12,7 @@ import redis
 from relay.stores.base import Op
 from relay.stores.redis import RedisStore
 from relay.stores.redis_connect import ReadinessParser
-from relay.stores.redis_pipeline import ConnectionPipeline, Connections, pack
+from relay.stores.redis_pipeline import ConnectionPipeline, Connections, pack, send
 from tests.support.redisproc import RedisServer
 
 
@@ -31,9 +33,10 @@ def _checked_out(client: redis.Redis) -> int:
 def test_replies_come_back_in_order_after_one_write(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     client.ping()  # the connection's handshake is done before counting
     writes = []
-    send = redis.Connection.send_packed_command
-    monkeypatch.setattr(redis.Connection, "send_packed_command",
-                        lambda self, command, **kw: writes.append(command) or send(self, command, **kw))
+    for name in ("send", "sendall"):
+        method = getattr(socket.socket, name)
+        monkeypatch.setattr(socket.socket, name,
+                            lambda self, data, *a, method=method: writes.append(bytes(data)) or method(self, data, *a))
     pipe = ConnectionPipeline(Connections(client.connection_pool))
     pipe.execute_command("SET", "a", "1")
     pipe.execute_command("INCRBY", "a", 2)
@@ -168,3 +171,85 @@ def test_other_pools_get_every_connection_back(redis_server: RedisServer) -> Non
     assert len(plain._available_connections) == 1 and not plain._in_use_connections
     pool.disconnect()
     plain.disconnect()
+
+
+class FakeSocket:
+    """Takes at most ``per_send`` bytes per ``send``, or fails with ``error``."""
+
+    def __init__(self, per_send: int = 1 << 20, error: Optional[BaseException] = None) -> None:
+        self.per_send, self.error = per_send, error
+        self.received = b""
+        self.calls: list[str] = []
+
+    def send(self, data: bytes) -> int:
+        self.calls.append("send")
+        if self.error is not None:
+            raise self.error
+        self.received += bytes(data[:self.per_send])
+        return min(len(data), self.per_send)
+
+    def sendall(self, data: memoryview) -> None:
+        self.calls.append("sendall")
+        self.received += bytes(data)
+
+    def close(self) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+
+def _connection_on(sock: FakeSocket, **kwargs: Any) -> redis.Connection:
+    connection = redis.Connection(**kwargs)
+    connection._sock = sock
+    return connection
+
+
+def test_a_payload_the_socket_takes_at_once_is_one_send() -> None:
+    sock = FakeSocket()
+    send(_connection_on(sock), [b"*1\r\n$4\r\nPING\r\n"])
+    assert sock.received == b"*1\r\n$4\r\nPING\r\n" and sock.calls == ["send"]
+
+
+def test_what_one_send_leaves_goes_in_a_sendall() -> None:
+    sock = FakeSocket(per_send=5)
+    payload = b"".join(pack(redis.Connection(), [("SET", "k", "x" * 1000), ("GET", "k")]))
+    send(_connection_on(sock), [payload])
+    assert sock.received == payload and sock.calls == ["send", "sendall"]
+
+
+@pytest.mark.parametrize("error, raised, message", [
+    (socket.timeout("timed out"), redis.TimeoutError, "Timeout writing to socket"),
+    (BrokenPipeError(32, "Broken pipe"), redis.ConnectionError, "Error 32 while writing to socket. Broken pipe."),
+])
+def test_a_failed_send_raises_as_redis_py_does_and_disconnects(error: BaseException, raised: type,
+                                                               message: str) -> None:
+    connection = _connection_on(FakeSocket(error=error))
+    with pytest.raises(raised, match=message):
+        send(connection, [b"*1\r\n$4\r\nPING\r\n"])
+    assert connection._sock is None
+
+
+def test_health_checks_and_chunked_payloads_keep_redis_py_s_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = []
+    monkeypatch.setattr(redis.Connection, "send_packed_command", lambda self, packed: sent.append(packed))
+    send(_connection_on(FakeSocket(), health_check_interval=30), [b"a"])
+    send(_connection_on(FakeSocket()), [b"a", b"b"])
+    send(redis.Connection(), [b"a"])  # not connected yet: redis-py connects it
+    assert sent == [[b"a"], [b"a", b"b"], [b"a"]]
+
+
+def test_a_connection_class_that_sends_its_own_way_keeps_it() -> None:
+    class Counting(redis.Connection):
+        sends = 0
+
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            Counting.sends += 1
+            super().send_packed_command(command, check_health)
+
+    sock = FakeSocket()
+    send(_connection_on(sock), [b"a"])
+    counting = Counting()
+    counting._sock = FakeSocket()
+    send(counting, [b"b"])
+    assert Counting.sends == 1 and counting._sock.received == b"b" and sock.received == b"a"
