@@ -33,6 +33,7 @@ Metrics: every worker writes its Prometheus values to files in ``PROMETHEUS_MULT
 """
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import shutil
@@ -110,11 +111,13 @@ _raise_open_file_limit(worker_connections + 256)
 
 
 def post_worker_init(worker: Any) -> None:
-    """Read the settings once (``settings_as_attributes``), and on SIGTERM also close the agent
-    sockets, so the graceful stop does not wait out ``graceful_timeout`` for connections that never
-    end by themselves. Agents see close code 1001 and reconnect (to another instance, during a
+    """Read the settings once (``settings_as_attributes``), put what the worker made while starting
+    out of the garbage collector's way (``freeze_startup_objects``), and on SIGTERM also close the
+    agent sockets, so the graceful stop does not wait out ``graceful_timeout`` for connections that
+    never end by themselves. Agents see close code 1001 and reconnect (to another instance, during a
     rolling restart)."""
     settings_as_attributes(worker.cfg)
+    freeze_startup_objects()
     channel = getattr(worker.wsgi, "extensions", {}).get("relay.agent_channel")
     if channel is None:
         return
@@ -139,6 +142,19 @@ def settings_as_attributes(cfg: Any) -> None:
     ``worker_class``) are left to it."""
     own = dir(type(cfg))
     cfg.__dict__.update({name: setting.get() for name, setting in cfg.settings.items() if name not in own})
+
+
+def freeze_startup_objects() -> None:
+    """Move every object the worker holds now (modules, the app and its extensions: some 70,000)
+    to the collector's permanent generation, after collecting what startup left as garbage.
+
+    A full collection walks every object the collector tracks, and stops every request while it
+    runs. In Redis mode a loaded worker ran one every two to three seconds, and with the startup
+    objects in it each took 35 to 50 ms on the benchmark VM (``gc.callbacks`` in the worker); with
+    them frozen, 2 ms. They live as long as the worker, so the collector has nothing to find there.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:

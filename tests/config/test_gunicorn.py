@@ -64,3 +64,25 @@ def test_the_worker_reads_each_setting_once_as_a_plain_attribute(monkeypatch: py
     assert cfg.limit_request_line == cfg.settings["limit_request_line"].get()
     assert cfg.post_request is cfg.settings["post_request"].get()
     assert cfg.worker_class_str == "gevent"  # a property of Config's own, still answered by it
+
+
+def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way() -> None:
+    import gc
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+
+    from config.gunicorn import post_worker_init
+
+    made_at_startup = {"app": ["extensions"]}
+    before = gc.get_freeze_count()
+    try:
+        post_worker_init(SimpleNamespace(cfg=Config(), wsgi=object()))
+        frozen = gc.get_freeze_count()
+        tracked = gc.get_objects()
+        assert frozen > before
+        assert not any(o is made_at_startup for o in tracked)
+        made_later = {"request": ["state"]}
+        assert any(o is made_later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
