@@ -35,6 +35,7 @@ from relay.lifecycle.recovery import StoreRecovery
 from relay.lifecycle.sweeps import Sweeper
 from relay.lifecycle.views import AdminViews
 from relay.routes import register_routes
+from relay.routes.wecom_io import CryptoConfig
 from relay.stores.base import Store
 from relay.stores.factory import build_backends
 from relay.stores.keys import KeySpace
@@ -75,6 +76,11 @@ class Relay:
     bus: Optional[AgentBus] = None
     #: Restores state after a Redis data loss and runs a deferred audit hydration.
     recovery: Optional[StoreRecovery] = None
+
+    @functools.cached_property
+    def crypto_config(self) -> CryptoConfig:
+        """The callback's WeCom secrets, read from the (frozen) settings once instead of per request."""
+        return CryptoConfig.from_settings(self.settings)
 
     def close(self) -> None:
         if self.recovery is not None:

@@ -19,7 +19,6 @@ from relay.routes.body import read_body
 from relay.routes.wecom_io import (
     CALLBACK_SECRET_HEADER,
     CallbackRejected,
-    CryptoConfig,
     check_ids,
     check_unsigned_callback,
     inbound_from_body,
@@ -32,13 +31,13 @@ SIGNATURE_QUERY = ("msg_signature", "timestamp", "nonce")
 
 def verify() -> Response:
     relay = current_relay()
-    config = CryptoConfig.from_settings(relay.settings)
+    config = relay.crypto_config
     return verify_url(query_dict("echostr", *SIGNATURE_QUERY), config, relay.clock() // 1000).to_response()
 
 
 def receive() -> Response:
     relay = current_relay()
-    config = CryptoConfig.from_settings(relay.settings)
+    config = relay.crypto_config
     body = read_body(relay.settings.max_body_bytes)
     query = query_dict(*SIGNATURE_QUERY, "signature")
     now_s = relay.clock() // 1000

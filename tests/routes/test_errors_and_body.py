@@ -21,6 +21,7 @@ from relay.routes import register_routes
 from relay.routes.admin import audit_limit, js_number, valid_command_id
 from relay.routes.app_context import query_dict
 from relay.routes.responses import dumps
+from relay.routes.wecom_io import CryptoConfig
 
 JSON_CT = "application/json; charset=utf-8"
 CALLBACK = "/wecom/callback"
@@ -98,8 +99,10 @@ def make_settings(**overrides: Any) -> SimpleNamespace:
 
 def make_app(**settings: Any) -> Flask:
     app = Flask("routes-test")
+    made = make_settings(**settings)
     app.extensions["relay"] = SimpleNamespace(
-        settings=make_settings(**settings),
+        settings=made,
+        crypto_config=CryptoConfig.from_settings(made),
         lifecycle=FakeLifecycle(),
         views=FakeViews(),
         clock=lambda: 1795632479123,
