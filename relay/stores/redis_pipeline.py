@@ -45,6 +45,7 @@ def pack(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
     except TypeError:
         return connection.pack_commands(commands)
 
+
 #: How redis-py's own connection classes send; a class that overrides it keeps its override.
 _REDIS_PY_SEND = redis.Connection.send_packed_command
 

@@ -3,6 +3,7 @@ in place, and a connection that never goes back to the pool out of step with the
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -253,3 +254,21 @@ def test_a_connection_class_that_sends_its_own_way_keeps_it() -> None:
     counting._sock = FakeSocket()
     send(counting, [b"b"])
     assert Counting.sends == 1 and counting._sock.received == b"b" and sock.received == b"a"
+
+
+def test_replies_read_together_put_the_next_health_check_off_as_read_response_does(
+        redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True, parser_class=ReadinessParser,
+                                  health_check_interval=30)
+    try:
+        pipe = ConnectionPipeline(Connections(client.connection_pool))
+        pipe.execute_command("PING")
+        assert pipe.execute() == ["PONG"]  # connects: the handshake's replies set it too
+        time.sleep(0.05)
+        pipe.execute_command("PING")
+        before = time.monotonic()
+        assert pipe.execute() == ["PONG"]
+        (connection,) = client.connection_pool._in_use_connections
+        assert before + 30 <= connection.next_health_check <= time.monotonic() + 30
+    finally:
+        client.close()
