@@ -4,7 +4,8 @@ that counts ``send_packed_command``: one call per command or per pipeline).
 The hot path (an accepted ``@dev status`` for a machine whose agent is attached, ``redis-primary``)
 must stay at two round trips: the rate-limit hit with the msgId reservation and the locale and
 machine reads, then the template, audit record and in-flight record written together before the
-command goes to the agent. The agent's result for it takes four. Timings are not asserted anywhere; this count is what a regression breaks.
+command goes to the agent. The agent's result for it takes three. Timings are not asserted anywhere;
+this count is what a regression breaks.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from tests.lifecycle.conftest import FakeAgent
 from tests.support.redisproc import RedisServer
 
 HOT_PATH_ROUND_TRIPS = 2
-#: An agent's result: the in-flight and audit records read together, the audit record written, the
-#: in-flight record claimed (with the audit index entry), then the index removal and locale at the end.
-RESULT_ROUND_TRIPS = 4
+#: An agent's result: the in-flight and audit records read together, the audit record written, then
+#: the in-flight record claimed with the audit index entry, the locale and the in-flight index removal.
+RESULT_ROUND_TRIPS = 3
 
 
 class CountingConnection(redis.Connection):
@@ -126,7 +127,7 @@ def test_over_the_rate_limit_takes_one_round_trip_and_reserves_nothing(redis_ser
         limited.relay.close()
 
 
-def test_an_agent_result_takes_four_round_trips(relay: Relay) -> None:
+def test_an_agent_result_takes_three_round_trips(relay: Relay) -> None:
     agent = relay.connect("m1")
     relay.callback()
     ack, _ = relay.callback()

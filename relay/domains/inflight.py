@@ -45,13 +45,29 @@ class InflightCommands:
         self._store().prefetch(command_id)
 
     def claim(self, command_id: str) -> Optional[dict[str, Any]]:
-        """Remove and return the record; ``None`` when absent or claimed by someone else first."""
+        """Remove and return the record; ``None`` when absent or claimed by someone else first. The
+        index entry goes after the claim, so a claim that fails leaves the command to the sweep."""
+        return self._claim(command_id, unindex_first=False)
+
+    def claim_answered(self, command_id: str) -> Optional[dict[str, Any]]:
+        """``claim`` for a command whose answer is audited already.
+
+        The index entry only lets the timeout sweep find the command, and the sweep would release an
+        answered one without a word, so the entry goes first, with the claim's own round trip (one
+        round trip less per result). A claim that then fails leaves the record to expire with its
+        TTL: ``get`` still finds it until then, and a second answer can still claim it."""
+        return self._claim(command_id, unindex_first=True)
+
+    def _claim(self, command_id: str, unindex_first: bool) -> Optional[dict[str, Any]]:
         store = self._store()
         entry = store.get_entry(command_id)
         if entry is None:
             return None
+        if unindex_first:
+            store.index_remove(INDEX, [command_id], defer=True)
         claimed = store.delete_if(command_id, entry)
-        store.index_remove(INDEX, [command_id], defer=True)
+        if not unindex_first:
+            store.index_remove(INDEX, [command_id], defer=True)
         return entry.data if claimed else None
 
     def remove(self, command_id: str) -> None:

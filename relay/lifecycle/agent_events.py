@@ -134,7 +134,7 @@ class AgentEvents:
         # command still in flight (the timeout sweep then releases it quietly), never a lost one.
         ctx.audit.record(ctx.event(command_id, tag, userId=user_id or notify_user, machineId=machine_id, kind=kind,
                                    summary=summary))
-        owned = owner is not None and domains.inflight.claim(command_id) is not None
+        owned = owner is not None and domains.inflight.claim_answered(command_id) is not None
         changed = owned or differs
         if notify_user and changed:
             self.notifier.notify(notify_user, summary, status, command_id=command_id, machine_id=machine_id,

@@ -161,7 +161,7 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     def killed(_command_id: str) -> None:
         raise SystemExit("killed between audit and claim")
 
-    monkeypatch.setattr(inflight, "claim", killed)
+    monkeypatch.setattr(inflight, "claim_answered", killed)
     with pytest.raises(SystemExit):
         a.result(agent, command_id, "ok", "finished")
     monkeypatch.undo()
