@@ -58,23 +58,33 @@ class ReadinessParser(_HiredisParser):
     connects; a check with a timeout takes the cooperative path as before. TLS sockets, which may
     hold decrypted bytes above the OS socket, always take redis-py's path.
 
-    It also reads a pipeline's replies in one call (``read_replies``).
+    It also reads a pipeline's replies in one call (``read_replies``), from a gevent socket through
+    ``GeventSocketReads``.
     """
 
     #: The operating system's poll object watching this connection's socket; ``None`` while
     #: disconnected and on TLS.
     _unread: Any = None
+    #: ``recv_into`` of this connection's socket, as ``read_replies`` reads it; ``None`` while
+    #: disconnected.
+    _recv_into: Optional[Callable[[Any], int]] = None
 
     def on_connect(self, connection: Any) -> None:
         super().on_connect(connection)
-        if not _buffers_decrypted(type(self._sock)):
+        sock = self._sock
+        if not _buffers_decrypted(type(sock)):
             unread = _os_poll()()
-            unread.register(self._sock, select.POLLIN)
+            unread.register(sock, select.POLLIN)
             self._unread = unread
+        if GeventSocketReads.serves(sock):
+            self._recv_into = GeventSocketReads(sock, connection.socket_timeout).recv_into
+        else:
+            self._recv_into = sock.recv_into
 
     def on_disconnect(self) -> None:
         super().on_disconnect()
         self._unread = None
+        self._recv_into = None
 
     def can_read(self, timeout: float = 0) -> bool:
         unread, reader = self._unread, self._reader
@@ -94,8 +104,8 @@ class ReadinessParser(_HiredisParser):
         (``LOADING``, too many clients), ``redis.TimeoutError`` on a socket timeout, and
         ``redis.ConnectionError`` when the server closed the connection or the socket failed. The
         caller disconnects the connection on any of them, as ``read_response`` does."""
-        sock, reader = self._sock, self._reader
-        if sock is None or reader is None:
+        recv_into, reader = self._recv_into, self._reader
+        if recv_into is None or reader is None:
             raise redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
         buffer, push_type = self._buffer, self._hiredis_PushNotificationType
         replies: list[Any] = []
@@ -103,7 +113,7 @@ class ReadinessParser(_HiredisParser):
             reply = reader.gets()
             if reply is NOT_ENOUGH_DATA:
                 try:
-                    size = sock.recv_into(buffer)
+                    size = recv_into(buffer)
                 except socket.timeout:
                     raise redis.TimeoutError("Timeout reading from socket") from None
                 except OSError as error:
@@ -121,6 +131,58 @@ class ReadinessParser(_HiredisParser):
                 raise reply[0]
             replies.append(reply)
         return replies
+
+
+class GeventSocketReads:
+    """``recv_into`` of a plain gevent socket, whose waits share one event-loop timer.
+
+    gevent's ``recv_into`` makes a new ``gevent.Timeout`` (a Python object and an event-loop timer)
+    for every wait on a socket with a timeout, and a Redis round trip waits for its replies once or
+    more: some 3 % of a Redis-mode callback's instructions (callgrind). Here the timer is made once,
+    when the connection connects, and re-armed for the full timeout before each wait with ``again``
+    (a ``gevent.Timeout`` started again would run for what was left of its last run). The rest is
+    what gevent's ``recv_into`` does: read the OS socket, which gevent keeps non-blocking, and wait
+    on the socket's read watcher while it has nothing. Each wait may last the socket timeout, then
+    ``socket.timeout`` is raised, as there.
+    """
+
+    def __init__(self, sock: Any, timeout_s: Optional[float]) -> None:
+        from gevent import getcurrent
+
+        self._current_greenlet = getcurrent
+        self._os_socket = sock._sock
+        self._readable = sock._read_event
+        self._hub = sock.hub
+        #: Its ``after`` and ``repeat`` are both the timeout: libev's ``again`` arms a timer for its
+        #: repeat value, libuv's for its after value. It is stopped before it could repeat.
+        self._timer = sock.hub.loop.timer(timeout_s, timeout_s) if timeout_s else None
+
+    @staticmethod
+    def serves(sock: Any) -> bool:
+        """Whether ``sock`` is a plain gevent socket (not TLS, whose bytes need decrypting)."""
+        gevent_socket = sys.modules.get("gevent._socket3")
+        return (gevent_socket is not None and type(sock) is gevent_socket.socket
+                and all(hasattr(sock, name) for name in ("_sock", "_read_event", "hub")))
+
+    def recv_into(self, buffer: Any) -> int:
+        os_socket = self._os_socket
+        try:
+            return os_socket.recv_into(buffer)
+        except BlockingIOError:
+            pass
+        timer = self._timer
+        if timer is not None:
+            timer.again(self._current_greenlet().throw, socket.timeout, "timed out")
+        try:
+            while True:
+                self._hub.wait(self._readable)
+                try:
+                    return os_socket.recv_into(buffer)
+                except BlockingIOError:
+                    continue
+        finally:
+            if timer is not None:
+                timer.stop()
 
 
 @lru_cache(maxsize=None)

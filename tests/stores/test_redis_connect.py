@@ -14,6 +14,7 @@ from redis.cluster import RedisCluster
 from relay.stores.redis_connect import (
     ClientOptions,
     FollowingSentinelPool,
+    GeventSocketReads,
     ReadinessParser,
     _buffers_decrypted,
     SentinelMasterClient,
@@ -148,31 +149,54 @@ REPLIES = (b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*2\r\n$1\r\na\r\n,2.5\r\n-ERR w
 REPLY_COUNT = 11
 
 
-@pytest.fixture
-def parser_reading() -> Iterator[Callable[..., ReadinessParser]]:
-    """``parser_reading(data, read_size=65536, close=True)``: a ``ReadinessParser`` connected, as
-    redis-py connects it, to a socket that holds ``data`` (then end of file, with ``close``)."""
+def _socketpair(kind: str) -> tuple[Any, Any]:
+    """Two connected sockets: the standard library's, or gevent's (as gunicorn's worker makes them,
+    read through ``GeventSocketReads``)."""
     import socket
 
+    if kind == "gevent":
+        import gevent.socket
+
+        return gevent.socket.socketpair()
+    return socket.socketpair()
+
+
+@pytest.fixture
+def connected_parser() -> Iterator[Callable[..., ReadinessParser]]:
+    """``connected_parser(kind, data=b"", read_size=65536, close=False, timeout_s=0.2)``: a
+    ``ReadinessParser`` connected, as redis-py connects it, to a socket of ``kind`` (``_socketpair``)
+    that holds ``data`` (then end of file, with ``close``); the other end is the parser's ``peer``."""
     held: list[Any] = []
 
-    def make(data: bytes, read_size: int = 65536, close: bool = True) -> ReadinessParser:
-        ours, theirs = socket.socketpair()
-        ours.settimeout(0.2)
+    def make(kind: str, data: bytes = b"", read_size: int = 65536, close: bool = False,
+             timeout_s: float = 0.2) -> ReadinessParser:
+        ours, theirs = _socketpair(kind)
+        ours.settimeout(timeout_s)
         theirs.sendall(data)
         if close:
             theirs.close()
-        connection = redis.Connection(socket_timeout=0.2, decode_responses=True)
+        connection = redis.Connection(socket_timeout=timeout_s, decode_responses=True)
         connection._sock = ours
         parser = ReadinessParser(socket_read_size=read_size)
         parser.on_connect(connection)
-        held.extend((connection, ours, theirs))
+        parser.peer = theirs  # type: ignore[attr-defined]
+        held.append((connection, ours, theirs))  # the connection closes its socket once collected
         return parser
 
     yield make
-    for thing in held:
-        if isinstance(thing, socket.socket):
-            thing.close()
+    for _, ours, theirs in held:
+        ours.close()
+        theirs.close()
+
+
+@pytest.fixture(params=["socket", "gevent"])
+def parser_reading(request: pytest.FixtureRequest,
+                   connected_parser: Callable[..., ReadinessParser]) -> Callable[..., ReadinessParser]:
+    """``parser_reading(data, read_size=65536, close=True)``: ``connected_parser`` once per socket kind."""
+    def make(data: bytes, read_size: int = 65536, close: bool = True) -> ReadinessParser:
+        return connected_parser(request.param, data, read_size, close)
+
+    return make
 
 
 def _one_by_one(parser: ReadinessParser, count: int) -> list[object]:
@@ -226,3 +250,66 @@ def test_reading_a_disconnected_parser_is_a_connection_error(parser_reading: Cal
         parser.read_replies(1)
     with pytest.raises(redis.ConnectionError):
         parser.can_read()
+
+
+# -- replies waited for on a gevent socket ---------------------------------------------------------
+@pytest.fixture
+def gevent_parser(connected_parser: Callable[..., ReadinessParser]) -> Callable[[float], ReadinessParser]:
+    """``gevent_parser(timeout_s)``: a ``ReadinessParser`` on a gevent socket with nothing to read
+    yet; its ``peer`` writes the replies."""
+    def make(timeout_s: float) -> ReadinessParser:
+        parser = connected_parser("gevent", timeout_s=timeout_s)
+        assert isinstance(parser._recv_into.__self__, GeventSocketReads)  # type: ignore[union-attr]
+        return parser
+
+    return make
+
+
+def _send_slowly(peer: Any, pieces: list[bytes], pause_s: float) -> None:
+    import gevent
+
+    for piece in pieces:
+        gevent.sleep(pause_s)
+        peer.sendall(piece)
+
+
+def test_each_wait_for_a_reply_may_last_the_socket_timeout(
+        gevent_parser: Callable[[float], ReadinessParser]) -> None:
+    """Four pieces, 0.3 s apart under a 0.6 s timeout: 1.2 s in all, which no single timer allows."""
+    import gevent
+
+    parser = gevent_parser(0.6)
+    writer = gevent.spawn(_send_slowly, parser.peer, [b"+O", b"K\r\n:", b"4", b"2\r\n"], 0.3)  # type: ignore[attr-defined]
+    assert parser.read_replies(2) == ["OK", 42]
+    writer.get(timeout=5)
+
+
+def test_a_reply_read_leaves_no_timer_running(gevent_parser: Callable[[float], ReadinessParser]) -> None:
+    import gevent
+
+    parser = gevent_parser(0.1)
+    gevent.spawn(_send_slowly, parser.peer, [b"+OK\r\n"], 0.02)  # type: ignore[attr-defined]
+    assert parser.read_replies(1) == ["OK"]
+    gevent.sleep(0.3)  # a timer left running would raise its timeout here
+    gevent.spawn(_send_slowly, parser.peer, [b"+again\r\n"], 0.02)  # type: ignore[attr-defined]
+    assert parser.read_replies(1) == ["again"]
+
+
+def test_waiting_for_replies_makes_no_gevent_timeout(gevent_parser: Callable[[float], ReadinessParser],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``GeventSocketReads`` is for: gevent's own ``recv_into`` makes one per wait."""
+    import gevent
+
+    made: list[object] = []
+    original = gevent.Timeout.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    parser = gevent_parser(1.0)
+    monkeypatch.setattr(gevent.Timeout, "__init__", counted)
+    writer = gevent.spawn(_send_slowly, parser.peer, [b"+OK\r\n", b":1\r\n"], 0.02)  # type: ignore[attr-defined]
+    assert parser.read_replies(2) == ["OK", 1]
+    writer.join()
+    assert made == []
