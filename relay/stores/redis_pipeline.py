@@ -56,16 +56,18 @@ def send(connection: Any, packed: list[bytes]) -> None:
     On a connected connection without health checks, whose class sends as redis-py does, a payload
     in one piece goes to the socket's ``send``, which takes all of it when the socket buffer has
     room (a pipeline's few hundred bytes), and ``sendall`` has the rest; gevent's ``sendall`` alone
-    loops with deadline bookkeeping and a memoryview per call. Failures are redis-py's:
-    ``redis.TimeoutError`` or ``redis.ConnectionError``, the connection disconnected first."""
+    loops with deadline bookkeeping and a memoryview per call. A socket without ``send`` (fakeredis's)
+    keeps redis-py's path. Failures are redis-py's: ``redis.TimeoutError`` or
+    ``redis.ConnectionError``, the connection disconnected first."""
     sock = connection._sock
-    if (sock is None or connection.health_check_interval or len(packed) != 1
+    send_some = getattr(sock, "send", None)
+    if (send_some is None or connection.health_check_interval or len(packed) != 1
             or type(connection).send_packed_command is not _REDIS_PY_SEND):
         connection.send_packed_command(packed)
         return
     payload = packed[0]
     try:
-        sent = sock.send(payload)
+        sent = send_some(payload)
         if sent < len(payload):
             sock.sendall(memoryview(payload)[sent:])
     except socket.timeout:

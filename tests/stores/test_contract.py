@@ -29,7 +29,7 @@ from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.observer import NullObserver
 from middleware.routed_store import RoutedStore
-from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Store, StoreError, StoreUnavailable, ValueTooLarge
+from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Op, Store, StoreError, StoreUnavailable, ValueTooLarge
 from relay.stores.domain import Domain, DomainStore
 from relay.stores.envelope import EnvelopeSchema
 from relay.stores.keys import MAX_ESCAPED_ID, KeySpace
@@ -161,10 +161,18 @@ def test_mget_mset(backend: Backend) -> None:
     assert backend.raw_keys() == ["a", "b", "c"]
 
 
-def test_mset_applies_the_ttl_to_every_key(backend: Backend) -> None:
+@pytest.mark.parametrize("keys", [("a",), ("a", "b")], ids=["one key", "two keys"])
+@pytest.mark.parametrize("through", ["mset", "execute"])
+def test_mset_applies_the_ttl_to_every_key(backend: Backend, keys: tuple[str, ...], through: str) -> None:
     s = backend.store
-    s.mset({"a": "1", "b": "2"}, ttl_ms=60_000)
-    for key in ("a", "b"):
+    s.set("a", "old")
+    items = {key: "new " + key for key in keys}
+    if through == "execute":
+        s.execute([Op("mset", (items, 60_000))])
+    else:
+        s.mset(items, ttl_ms=60_000)
+    for key in keys:
+        assert s.get(key) == items[key]
         assert 0 < s.ttl_ms(key) <= 60_000
 
 
