@@ -594,6 +594,10 @@ class RedisStore(Store):
         if ttl_ms is None:
             b.client.mset(items)
             return
+        if len(items) == 1:
+            ((key, value),) = items.items()
+            b.client.set(key, value, px=ttl_ms)
+            return
         keys = list(items)
         b.mset_with_ttl(keys=keys, args=[items[k] for k in keys] + [ttl_ms])
 
@@ -762,6 +766,9 @@ class RedisStore(Store):
             checked = {k: validate_value(v, self.max_value_bytes) for k, v in items.items()}
             if ttl_ms is None:
                 return _Queued(("MSET", *(part for item in checked.items() for part in item)), _nothing, True)
+            if len(checked) == 1:
+                ((key, value),) = checked.items()
+                return _Queued(("SET", key, value, "PX", ttl_ms), _nothing, True)
             return _Queued(("EVAL", _MSET_WITH_TTL, len(checked), *checked, *checked.values(), ttl_ms),
                            _nothing, True)
         if name == "delete":

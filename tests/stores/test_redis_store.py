@@ -16,7 +16,7 @@ import redis
 
 from middleware.breaker import GuardedBreaker, StateChangeListener
 from middleware.retry import RetryPolicy
-from relay.stores.base import StoreError, StoreUnavailable, ValueTooLarge
+from relay.stores.base import Op, StoreError, StoreUnavailable, ValueTooLarge
 from relay.stores.redis import RedisStore, StoreCounters
 from tests.support.helpers import race
 from tests.support.redisproc import RedisServer
@@ -134,6 +134,24 @@ def test_lua_scripts_survive_a_script_cache_flush(make_store: Callable[..., Redi
         client.script_flush()
     assert store.compare_and_set("k", "1", "2")
     assert store.get("k") == "2"
+
+
+def test_one_key_written_with_a_ttl_takes_no_script(make_store: Callable[..., RedisStore],
+                                                    redis_server: RedisServer) -> None:
+    """The common ``mset`` (a user's locale) is one ``SET PX``: a script costs redis-server several
+    times as much. Two keys still go together in one script."""
+    store = make_store()
+    with redis_server.client() as client:
+        def scripts_run() -> int:
+            stats = client.info("commandstats")
+            return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_eval", "cmdstat_evalsha"))
+
+        client.config_resetstat()
+        store.mset({"a": "1"}, ttl_ms=60_000)
+        store.execute([Op("mset", ({"b": "2"}, 60_000))])
+        assert scripts_run() == 0
+        store.execute([Op("mset", ({"c": "3", "d": "4"}, 60_000))])
+        assert scripts_run() == 1
 
 
 # -- retries ------------------------------------------------------------------------------------------
