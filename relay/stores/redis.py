@@ -594,11 +594,15 @@ class RedisStore(Store):
         if ttl_ms is None:
             b.client.mset(items)
             return
-        if len(items) == 1:
-            ((key, value),) = items.items()
-            b.client.set(key, value, px=ttl_ms)
+        self._set_with_ttl(b, list(items), items, ttl_ms)
+
+    @staticmethod
+    def _set_with_ttl(b: _Bound, keys: list[str], items: Mapping[str, str], ttl_ms: int) -> None:
+        """Write ``keys`` (of one slot) from ``items``, each with ``ttl_ms``, atomically: one key is
+        a ``SET PX``, more are the mset-with-TTL script."""
+        if len(keys) == 1:
+            b.client.set(keys[0], items[keys[0]], px=ttl_ms)
             return
-        keys = list(items)
         b.mset_with_ttl(keys=keys, args=[items[k] for k in keys] + [ttl_ms])
 
     # -- atomic helpers --------------------------------------------------------------------------

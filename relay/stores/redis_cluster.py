@@ -96,7 +96,7 @@ class RedisClusterStore(RedisStore):
         for key in items:
             slots[b.client.keyslot(key)].append(key)
         for keys in slots.values():
-            b.mset_with_ttl(keys=keys, args=[items[k] for k in keys] + [ttl_ms])
+            self._set_with_ttl(b, keys, items, ttl_ms)
 
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
                          record_prefix: str) -> list[str]:
