@@ -265,6 +265,27 @@ def gevent_parser(connected_parser: Callable[..., ReadinessParser]) -> Callable[
     return make
 
 
+def test_only_a_plain_gevent_socket_is_read_through_gevent_socket_reads() -> None:
+    """TLS sockets, which may hold decrypted bytes above the OS socket, and the standard library's
+    keep their own ``recv_into``."""
+    import socket
+    import ssl
+
+    import gevent.socket
+    import gevent.ssl
+
+    plain = gevent.socket.socket()
+    tls = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(
+        gevent.socket.socket(), server_hostname="localhost", do_handshake_on_connect=False)
+    stdlib = socket.socket()
+    try:
+        assert GeventSocketReads.serves(plain)
+        assert not GeventSocketReads.serves(tls) and not GeventSocketReads.serves(stdlib)
+    finally:
+        for sock in (plain, tls, stdlib):
+            sock.close()
+
+
 def _send_slowly(peer: Any, pieces: list[bytes], pause_s: float) -> None:
     import gevent
 
