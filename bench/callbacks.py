@@ -1,9 +1,9 @@
 """Callback benchmark: the whole relay under gunicorn with fake agents that answer at once.
 
 The workload is the reference relay's: 32 concurrent keep-alive clients post ``@dev status`` from
-4000 users to 20 machines, each machine held by an agent (``tests.cluster.harness.ClusterAgent``,
-in a child process) that answers every command at once. Measured per mode, on one relay process
-(``RELAY_WORKERS=1``) and one redis-server started here:
+4000 users to 20 machines, each machine held by an agent that answers every command at once
+(``bench.answering_agents``: all 20 on one thread, in a child process). Measured per mode, on one
+relay process (``RELAY_WORKERS=1``) and one redis-server started here:
 
 * ``memory`` (``STORE_PHASE=memory``), ``redis`` (``STORE_PHASE=redis-primary``), and ``outage``
   (``STORE_PHASE=rampdown``, fallback on, redis-server frozen with SIGSTOP, measured once
@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import redis
 
+from bench.answering_agents import AnsweringAgents
 from bench.httpload import HttpClient, LoadResult, percentile, run_load
 from tests.support.live_relay import LiveRelay, live_relay
 from tests.support.redisproc import RedisServer
@@ -111,16 +112,10 @@ def _redis_commands(client: Optional[redis.Redis]) -> int:
 
 # -- agents, in a child process so their frames do not compete with the load generator's GIL ------
 def _serve_agents(url: str, count: int, ready: Event, stop: Event) -> None:
-    from tests.cluster.harness import ClusterAgent
-
-    agents = [ClusterAgent(f"bench-m{i}", [url], heartbeat_s=10.0) for i in range(count)]
-    for agent in agents:
-        agent.__enter__()
-    if all(agent.wait_connected(timeout_s=20) for agent in agents):
-        ready.set()
-    stop.wait()
-    for agent in agents:
-        agent.close()
+    agents = AnsweringAgents(url, [f"bench-m{i}" for i in range(count)], heartbeat_s=10.0)
+    agents.connect()
+    ready.set()
+    agents.serve(stop.is_set)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from relay.agents.sessions import _text_frame
 
 CALLS = 5_000
 REPEATS = 5
-#: A result as the agents of ``bench/callbacks.py`` send it (``tests/cluster/harness.py``).
+#: A result as the agents of ``bench/callbacks.py`` send it (``bench/answering_agents.py``).
 RESULT = {"type": "agent.result", "result": {
     "commandId": "0b6c2f7e-9a51-4d3c-8e2a-5f1d7c9b3a40", "machineId": "bench-m7", "status": "ok",
     "summary": "Patch generated successfully", "createdAt": "2026-11-26T12:00:00.000Z"}}
@@ -49,7 +49,7 @@ def _encoders(payload: str) -> dict[str, Callable[[], Any]]:
 
 
 def run() -> dict[str, Any]:
-    payload = json.dumps(RESULT)
+    payload = json.dumps(RESULT, separators=(",", ":"))
     frame = Connection(ConnectionType.CLIENT).send(TextMessage(data=payload))
     jobs = {"decode client frame": _decoders(frame), "build server frame": _encoders(payload)}
     results: dict[str, Any] = {}
