@@ -19,6 +19,8 @@ from relay.stores.redis_connect import (
     _buffers_decrypted,
     SentinelMasterClient,
     connect,
+    connect_node,
+    driver_info,
     serves_primary,
 )
 from tests.support.rediscluster import LocalRedisCluster
@@ -46,6 +48,30 @@ def test_a_server_url_gives_a_plain_client_with_our_timeouts() -> None:
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["db"]) == (0.3, 0.2, 3)
     assert kwargs["retry"].get_retries() == 0 and kwargs["decode_responses"] is True
     assert client.connection_pool.max_connections == 7
+
+
+def test_every_connection_reports_one_driver_info_looked_up_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``CLIENT SETINFO`` sends (redis-server 7.2 and later list it in ``CLIENT LIST``)."""
+    lookups = []
+    real = redis.utils.get_lib_version
+    monkeypatch.setattr(redis.utils, "get_lib_version", lambda: lookups.append(1) or real())
+    driver_info.cache_clear()
+    clients = [connect(redis_server.url, OPTIONS),
+               connect_node(redis_server.url, "127.0.0.1", redis_server.port, OPTIONS)]
+    try:
+        connections = [client.connection_pool.get_connection() for client in clients for _ in range(3)]
+        for connection in connections:
+            connection.connect()
+        shared = driver_info()
+    finally:
+        for client in clients:
+            client.close()
+        driver_info.cache_clear()
+
+    assert len(lookups) == 1
+    assert all(connection.driver_info is shared for connection in connections)
+    assert (shared.formatted_name, shared.lib_version) == ("redis-py", real())
 
 
 def test_a_sentinel_url_gives_the_primary_s_client_through_a_following_pool() -> None:
