@@ -1,6 +1,8 @@
 """The callback benchmark's fake agents: many agents on one thread that answer every command at once.
 
-Each agent opens ``/agent``, sends ``agent.hello``, an ``agent.heartbeat`` every ``heartbeat_s``,
+Each agent opens ``/agent``, sends ``agent.hello``, an ``agent.heartbeat`` every ``heartbeat_s``
+(the agents' heartbeats spread over that period, as agents that connected at different times send
+them, rather than all at once),
 answers pings with pongs, and answers each ``command`` frame with the ``agent.result`` a real agent
 sends (status ``ok``). They share the two cores of the benchmark machine with the relay, redis-server
 and the load generator, so they do as little as the protocol allows: one selector loop for all
@@ -105,6 +107,7 @@ class _Agent:
         self.sock = sock
         self.buffer = bytearray()
         self.fragments: Optional[bytearray] = None
+        self.next_heartbeat = 0.0
 
 
 class AnsweringAgents:
@@ -138,6 +141,9 @@ class AnsweringAgents:
             self._selector.register(sock, selectors.EVENT_READ, agent)
             self._send_json(agent, {"type": "agent.hello", "machineId": machine_id, "version": "bench",
                                     "capabilities": []})
+        connected = time.monotonic()
+        for number, agent in enumerate(self._agents, 1):
+            agent.next_heartbeat = connected + self._heartbeat_s * number / len(self._agents)
 
     def _upgrade(self, sock: socket.socket) -> bytes:
         """Send the upgrade request, check the 101 and its accept key; return bytes read past it."""
@@ -165,18 +171,24 @@ class AnsweringAgents:
         """Answer frames until ``stopped()`` or every socket is closed; then close them all."""
         for agent in self._agents:
             self._drain(agent)
-        next_heartbeat = time.monotonic() + self._heartbeat_s
         try:
             while self._selector.get_map() and not stopped():
                 for key, _events in self._selector.select(poll_s):
                     self._on_readable(key.data)
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat = time.monotonic() + self._heartbeat_s
-                    for agent in list(self._agents):
-                        self._send_json(agent, {"type": "agent.heartbeat", "machineId": agent.machine_id,
-                                                "sentAt": _iso_now(), "runningCount": 0, "pendingCount": 0})
+                self._send_heartbeats_due(time.monotonic())
         finally:
             self.close()
+
+    def heartbeats_due(self) -> list[float]:
+        """When each agent sends its next heartbeat (``time.monotonic``)."""
+        return [agent.next_heartbeat for agent in self._agents]
+
+    def _send_heartbeats_due(self, now: float) -> None:
+        for agent in list(self._agents):
+            if now >= agent.next_heartbeat:
+                agent.next_heartbeat = now + self._heartbeat_s
+                self._send_json(agent, {"type": "agent.heartbeat", "machineId": agent.machine_id,
+                                        "sentAt": _iso_now(), "runningCount": 0, "pendingCount": 0})
 
     def close(self) -> None:
         for agent in list(self._agents):

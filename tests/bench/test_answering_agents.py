@@ -74,6 +74,60 @@ def test_a_partial_frame_is_kept_for_the_next_read() -> None:
     assert bytes(buffer) == frame[:3]
 
 
+def test_an_agent_sends_a_heartbeat_every_period() -> None:
+    relay = _FakeRelay([b""] * 15 + [_server_frame(b"", Opcode.CLOSE)])
+    agents = AnsweringAgents(f"ws://127.0.0.1:{relay.port}/agent", ["m-3"], heartbeat_s=0.06)
+
+    agents.connect()
+    _serve_until_closed(agents)
+    relay.join()
+
+    texts = [json.loads(item) for item in _decoded(relay.received) if isinstance(item, str)]
+    heartbeats = [t for t in texts if t["type"] == "agent.heartbeat"]
+    assert len(heartbeats) >= 2
+    assert all(h["machineId"] == "m-3" and h["runningCount"] == 0 and h["pendingCount"] == 0 for h in heartbeats)
+
+
+def test_the_agents_heartbeats_are_spread_over_the_period() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    fake = threading.Thread(target=_upgrade_all, args=(listener, 4), daemon=True)
+    fake.start()
+    agents = AnsweringAgents(f"ws://127.0.0.1:{port}/agent", [f"m-{i}" for i in range(4)], heartbeat_s=8.0)
+    before = time.monotonic()
+    agents.connect()
+    due = agents.heartbeats_due()
+    agents.close()
+    fake.join(5)
+    listener.close()
+
+    gaps = [later - earlier for earlier, later in zip(due, due[1:])]
+    assert all(gap == pytest.approx(2.0, abs=0.01) for gap in gaps)
+    assert before + 2.0 <= due[0] <= time.monotonic() + 2.0
+
+
+def _upgrade_all(listener: socket.socket, count: int) -> None:
+    """Accept ``count`` agents and upgrade each (the bytes they send afterwards are not read)."""
+    held = []
+    for _ in range(count):
+        conn, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        conn.sendall(_accepting(request))
+        held.append(conn)
+    for conn in held:
+        conn.close()
+
+
+def _accepting(request: bytes) -> bytes:
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
 def _unmasked(frame: bytes) -> bytes:
     size = frame[1] & 0x7F
     key, payload = frame[2:6], frame[6:6 + size]
@@ -98,11 +152,7 @@ class _FakeRelay:
         with conn:
             while b"\r\n\r\n" not in self.upgrade_request:
                 self.upgrade_request += conn.recv(4096)
-            key = next(line.split(b":", 1)[1].strip() for line in self.upgrade_request.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key:"))
-            accept = base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            conn.sendall(_accepting(self.upgrade_request))
             for piece in self._script:
                 conn.sendall(piece)
                 time.sleep(0.02)
