@@ -1,22 +1,31 @@
-"""Audit index benchmark: append and ``list_recent(50)`` latency with 1k and 100k records in Redis.
+"""Audit index benchmark: append and ``list_recent(50)`` latency with 1k and 100k records in Redis,
+and the replay of the JSONL log at startup.
 
 The index runs as in the relay (``AuditIndex`` on a routed ``redis-primary`` store, one unit of work
 per call) on a redis-server started here. It is filled with records shaped like the relay's (a
 ``created`` and a ``sent_to_agent`` event, envelopes from the domain's own schema), written with
 pipelines. Target (from the issue): at 100k records, append and ``list_recent`` within 1.3x of 1k.
+
+The replay (``AuditTrail.hydrate`` with a unit of work per chunk, as the relay runs it at startup)
+reads a log of ``REPLAY_COMMANDS`` commands, two events each, into an empty index (Redis lost its
+data), then again into the index it made (a restart with Redis intact, the common case).
 """
 from __future__ import annotations
 
 import gc
+import json
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.routing import StoreRouter
 from relay.domains import audit
+from relay.lifecycle.context import AuditTrail
 from relay.stores.envelope import iso_ms
 from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
@@ -29,6 +38,7 @@ ROUNDS = 5
 FILL_BATCH = 2_000
 RATIO_TARGET = 1.3
 START_MS = 1_790_000_000_000
+REPLAY_COMMANDS = 5_000
 
 
 def _events(command_id: str, at_ms: int, user: str, machine: str) -> list[dict[str, Any]]:
@@ -104,6 +114,27 @@ class _Subject:
                 "list_recent_50_us": _percentiles(self.listing)}
 
 
+def _replay(backends: dict[str, Any]) -> dict[str, Any]:
+    """Seconds to replay a log of ``REPLAY_COMMANDS`` commands into an empty index, then into it again."""
+    router = StoreRouter(KeySpace("bench", "replay"), {"audit": audit.DOMAIN}, backends,
+                         {"audit": PRESETS["redis-primary"]})
+    index = audit.AuditIndex(router.provider("audit"), max_records=2 * REPLAY_COMMANDS)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-replay-") as workdir:
+            log = Path(workdir) / "audit.jsonl"
+            log.write_text("".join(json.dumps(event) + "\n" for n in range(REPLAY_COMMANDS)
+                                   for event in _events(f"log-{n:06d}", START_MS + 2 * n, "user-0001", "bench-m1")))
+            trail = AuditTrail(index, str(log))
+            timed = {}
+            for name in ("into_empty", "into_intact"):
+                started = time.perf_counter()
+                added = trail.hydrate(router.bound)
+                timed[name] = {"seconds": round(time.perf_counter() - started, 2), "events_added": added}
+    finally:
+        router.close()
+    return {"commands": REPLAY_COMMANDS, "events": 2 * REPLAY_COMMANDS, **timed}
+
+
 def run() -> dict[str, Any]:
     with RedisServer() as server:
         redis_store = RedisStore(server.url, breaker=GuardedBreaker(fail_max=5, reset_timeout=30))
@@ -126,14 +157,15 @@ def run() -> dict[str, Any]:
         finally:
             for subject in subjects:
                 subject.router.close()
+        replay = _replay(backends)
     small, large = results[str(SIZES[0])], results[str(SIZES[-1])]
     ratios = {name: round(large[name]["p50"] / small[name]["p50"], 2) for name in ("append_us", "list_recent_50_us")}
-    _print(results, ratios)
-    return {"sizes": results, "ratio_p50_large_to_small": ratios,
+    _print(results, ratios, replay)
+    return {"sizes": results, "ratio_p50_large_to_small": ratios, "replay": replay,
             "targets": {"ratio_max": RATIO_TARGET, "met": all(r <= RATIO_TARGET for r in ratios.values())}}
 
 
-def _print(results: dict[str, Any], ratios: dict[str, float]) -> None:
+def _print(results: dict[str, Any], ratios: dict[str, float], replay: dict[str, Any]) -> None:
     print(f"AuditIndex on Redis (redis-primary), {ROUNDS * SAMPLES} calls per cell in {ROUNDS} interleaved rounds")
     print(f"{'records':>9}{'op':>20}{'p50 µs':>10}{'p95 µs':>10}{'p99 µs':>10}")
     for size, row in results.items():
@@ -144,6 +176,10 @@ def _print(results: dict[str, Any], ratios: dict[str, float]) -> None:
         verdict = "ok" if ratio <= RATIO_TARGET else "MISSED"
         print(f"{name[:-3]}: p50 at {SIZES[-1]} / at {SIZES[0]} records = {ratio:.2f}x   target <= {RATIO_TARGET}x: "
               f"{verdict}")
+    print(f"log replay at startup, {replay['commands']} commands ({replay['events']} events): into an empty index "
+          f"{replay['into_empty']['seconds']:.2f} s ({replay['into_empty']['events_added']} events added), "
+          f"into the intact index {replay['into_intact']['seconds']:.2f} s "
+          f"({replay['into_intact']['events_added']} added)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import redis
 from config.settings import load_settings
 from middleware.breaker import GuardedBreaker
 from relay.app import create_app
+from relay.lifecycle.context import HYDRATE_CHUNK
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.lifecycle.conftest import FakeAgent
@@ -139,3 +140,29 @@ def test_an_agent_result_takes_three_round_trips(relay: Relay) -> None:
     assert CountingConnection.total - before == RESULT_ROUND_TRIPS
     assert relay.record(ack["commandId"])["status"] == "agent_ok"
     assert ack["commandId"] not in [item["commandId"] for item in relay.client.get("/inflight").get_json()["items"]]
+
+
+def _startup_round_trips(server: RedisServer, log_dir: Any) -> tuple[Relay, int]:
+    before = CountingConnection.total
+    started = Relay(server, log_dir, RATE_LIMIT_PER_MINUTE="1000")
+    return started, CountingConnection.total - before
+
+
+def test_a_restart_replays_the_audit_log_in_one_round_trip_per_chunk_of_commands(
+        redis_server: RedisServer, tmp_path: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Over an intact index nothing is written, and 250 commands (500 logged events) are read in
+    two round trips of up to ``HYDRATE_CHUNK`` commands each."""
+    first, _ = _startup_round_trips(redis_server, tmp_path)
+    offline = [first.callback(machine_id="offline-box")[0]["commandId"] for _ in range(250)]
+    first.relay.close()
+    without_log, overhead = _startup_round_trips(redis_server, tmp_path_factory.mktemp("no-log"))
+    without_log.relay.close()
+
+    restarted, round_trips = _startup_round_trips(redis_server, tmp_path)
+    try:
+        assert HYDRATE_CHUNK == 200
+        assert round_trips - overhead == 2
+        for command_id in (offline[0], offline[-1]):
+            assert [e["status"] for e in restarted.record(command_id)["events"]] == ["created", "machine_offline"]
+    finally:
+        restarted.relay.close()

@@ -107,6 +107,23 @@ class AuditIndex:
         """Add ``event`` to its command's record; ``False`` when it was already there."""
         return self._update(event["commandId"], lambda current: apply_event(current, event, self.max_events))
 
+    def apply_all(self, events: list[dict[str, Any]]) -> int:
+        """Add the events of one command, in order, with one update (``apply`` each would read and
+        write the record once per event); return how many were new."""
+        added = 0
+
+        def change(current: Optional[Record]) -> Optional[Record]:
+            nonlocal added
+            added = 0
+            for event in events:
+                updated = apply_event(current, event, self.max_events)
+                if updated is not None:
+                    current, added = updated, added + 1
+            return current if added else None
+
+        self._update(events[0]["commandId"], change)
+        return added
+
     def open(self, events: list[dict[str, Any]], flush: bool = False) -> dict[str, Any]:
         """Record the first events of a new command, whose id is fresh (so no record exists yet):
         the record and its index entry are written once, with the unit of work's next round trip

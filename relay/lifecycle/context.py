@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -28,6 +29,11 @@ from relay.stores.envelope import iso_ms
 
 if TYPE_CHECKING:
     from relay.agents.bus import AgentBus
+
+#: Opens a unit of work (``StoreRouter.bound``).
+Scope = Callable[[], AbstractContextManager[Any]]
+#: Commands whose audit records ``AuditTrail.hydrate`` reads in one round trip.
+HYDRATE_CHUNK = 200
 
 log = logging.getLogger("relay.lifecycle")
 
@@ -146,12 +152,28 @@ class AuditTrail:
                     events.append(event)
         return events
 
-    def hydrate(self) -> int:
-        """Replay the file into the index (idempotent); return how many events were new."""
-        added = 0
+    def hydrate(self, chunk_scope: Scope = nullcontext, chunk: int = HYDRATE_CHUNK) -> int:
+        """Replay the file into the index (idempotent); return how many events were new.
+
+        Events go by command, in file order within each, ``chunk`` commands at a time, each chunk in
+        a unit of work of its own (``chunk_scope``) that first asks for all of their records, and
+        each command's events go into its record with one update. Where Redis is authoritative, a
+        restart over an intact index reads a chunk in one round trip and writes nothing, and one
+        after a data loss writes each record once. Event by event it was a round trip per event, two
+        for one not yet recorded: a restart over a 72 MB log took two minutes before the relay
+        answered."""
+        by_command: dict[str, list[dict[str, Any]]] = {}
         for event in self.events_from_disk():
-            if self.index.apply(event):
-                added += 1
+            by_command.setdefault(event["commandId"], []).append(event)
+        commands = list(by_command.items())
+        added = 0
+        for start in range(0, len(commands), chunk):
+            part = commands[start:start + chunk]
+            with chunk_scope():
+                for command_id, _ in part:
+                    self.index.prefetch(command_id)
+                for _, events in part:
+                    added += self.index.apply_all(events)
         return added
 
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from relay.lifecycle.agent_events import AgentEvents
-from relay.lifecycle.context import LifecycleContext
+from relay.lifecycle.context import LifecycleContext, Scope
 from relay.stores.base import StoreError
 from relay.stores.envelope import parse_iso_ms
 
@@ -36,7 +35,6 @@ log = logging.getLogger("relay.recovery")
 #: Statuses after which a command is no longer waiting for its agent.
 TERMINAL = ("machine_offline", "inflight_timeout")
 
-Scope = Callable[[], AbstractContextManager[Any]]
 #: Looks at the store for a data loss now (``True`` when one was noticed); raises ``StoreError``.
 LossCheck = Callable[[], bool]
 
@@ -81,8 +79,7 @@ class StoreRecovery:
         """Replay the audit log into the index now; when the store cannot be reached, start anyway
         and let the background thread do it once it answers. Return the events added now."""
         try:
-            with self._scope():
-                return self.ctx.audit.hydrate()
+            return self.ctx.audit.hydrate(self._scope)
         except StoreError as exc:
             self._hydrate_wanted = True
             log.warning("audit hydration deferred until the store answers: %s", type(exc).__name__,
@@ -92,8 +89,8 @@ class StoreRecovery:
     # -- work -----------------------------------------------------------------------------------
     def restore(self) -> Restored:
         """Put back the audit index, the in-flight records and this process's machine records."""
+        events = self.ctx.audit.hydrate(self._scope)
         with self._scope():
-            events = self.ctx.audit.hydrate()
             inflight = self._restore_inflight()
             machines = self._reregister_machines()
         restored = Restored(events, inflight, machines)
@@ -140,8 +137,7 @@ class StoreRecovery:
             if self._check_loss is not None:
                 self._check_loss()
             if self._hydrate_wanted:
-                with self._scope():
-                    added = self.ctx.audit.hydrate()
+                added = self.ctx.audit.hydrate(self._scope)
                 self._hydrate_wanted = False
                 log.info("audit log hydrated", extra={"event": "audit_hydrated", "events": added})
             if self._restore_wanted.is_set():

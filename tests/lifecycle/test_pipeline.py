@@ -215,6 +215,22 @@ def test_hydration_never_duplicates_events(make_relay) -> None:
     assert log_path.read_text().splitlines() == lines
 
 
+def test_hydration_keeps_each_command_s_events_in_file_order(make_relay) -> None:
+    """The log interleaves commands; hydration replays it command by command (``AuditTrail.hydrate``)."""
+    log_path = Path(make_relay().relay.settings.audit_log_path)
+    lines = [("a", "created"), ("b", "created"), ("a", "sent_to_agent"), ("b", "machine_offline"), ("a", "agent_ok")]
+    log_path.write_text("".join(
+        json.dumps({"commandId": command_id, "timestamp": f"2026-11-26T10:00:0{second}.000Z", "status": status,
+                    "userId": "u1", "machineId": "m1"}) + "\n"
+        for second, (command_id, status) in enumerate(lines)))
+
+    restarted = make_relay()
+
+    assert restarted.statuses("a") == ["created", "sent_to_agent", "agent_ok"]
+    assert restarted.statuses("b") == ["created", "machine_offline"]
+    assert restarted.record("a")["status"] == "agent_ok"
+
+
 def test_audit_recent_filters_and_metrics(relay: RelayHarness) -> None:
     agent = relay.connect("m1")
     ids = []
