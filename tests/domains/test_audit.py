@@ -6,19 +6,7 @@ from typing import Any
 from relay.domains.audit import DOMAIN, AuditIndex
 from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
-from relay.stores.memory import MemoryStore
-
-
-class CountingWrites(MemoryStore):
-    """Memory that counts the compare-and-set writes of records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-
-    def compare_and_set(self, *args: Any, **kwargs: Any) -> bool:
-        self.writes += 1
-        return super().compare_and_set(*args, **kwargs)
+from tests.support.helpers import CountingWrites
 
 
 def _event(status: str, second: int) -> dict[str, Any]:

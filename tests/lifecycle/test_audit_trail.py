@@ -10,19 +10,7 @@ from relay.domains.audit import DOMAIN, AuditIndex
 from relay.lifecycle.context import AuditTrail
 from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
-from relay.stores.memory import MemoryStore
-
-
-class CountingWrites(MemoryStore):
-    """Memory that counts the compare-and-set writes of records."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-
-    def compare_and_set(self, *args: Any, **kwargs: Any) -> bool:
-        self.writes += 1
-        return super().compare_and_set(*args, **kwargs)
+from tests.support.helpers import CountingWrites
 
 
 def _event(number: int, status: str, second: int = 0) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""Small test helpers: a settable clock and a thread race runner."""
+"""Small test helpers: a settable clock, a thread race runner and a memory store that counts writes."""
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from relay.stores.memory import MemoryStore
 
 T = TypeVar("T")
 
@@ -36,3 +38,15 @@ def race(threads: int, work: Callable[[int], T], timeout_s: float = 30.0) -> lis
     with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(start, i) for i in range(threads)]
         return [f.result(timeout=timeout_s) for f in futures]
+
+
+class CountingWrites(MemoryStore):
+    """Memory that counts compare-and-set writes (how an audit record is written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def compare_and_set(self, *args: Any, **kwargs: Any) -> bool:
+        self.writes += 1
+        return super().compare_and_set(*args, **kwargs)
