@@ -2,19 +2,21 @@
 
 Each agent opens ``/agent``, sends ``agent.hello``, an ``agent.heartbeat`` every ``heartbeat_s``
 (the agents' heartbeats spread over that period, as agents that connected at different times send
-them, rather than all at once),
-answers pings with pongs, and answers each ``command`` frame with the ``agent.result`` a real agent
-sends (status ``ok``). They share the two cores of the benchmark machine with the relay, redis-server
-and the load generator, so they do as little as the protocol allows: one selector loop for all
-sockets, frames read straight from the bytes (the relay's frames are unmasked and whole), and only
-``command`` frames parsed as JSON; the ``relay.trace`` frames that come with every callback are
-counted and dropped. Frames they send are masked with a fresh random key each, as RFC 6455 asks of a
-client.
+them, rather than all at once), answers pings with pongs, and answers each ``command`` frame with
+the ``agent.result`` a real agent sends (status ``ok``). They share the two cores of the benchmark
+machine with the relay, redis-server and the load generator, so they do as little as the protocol
+allows: one selector loop for all sockets, frames read straight from the bytes (the relay's frames
+are unmasked and whole), and only ``command`` frames parsed as JSON; the ``relay.trace`` frames that
+come with every callback are counted and dropped. Frames they send are masked with a fresh random
+key each, as RFC 6455 asks of a client.
 
-The benchmark used the agents of ``tests.cluster.harness`` before (a thread each, every frame parsed
-and kept). They took about 0.5 ms of CPU per callback, half a core at the relay's pace, against
-0.13 ms for these. On two cores that starved the load generator now and then: every request in flight
-then read some 150 ms slower, all at once, while the relay saw nothing slow (README, Performance).
+``tests.support.agent_swarm`` also drives many agents on one thread, but through wsproto, whose
+handshake and framing cost more than the agents of a CPU benchmark may; it keeps every frame and
+answers no command. The benchmark used the agents of ``tests.cluster.harness`` before (a thread
+each, every frame parsed and kept). They took about 0.5 ms of CPU per callback, half a core at the
+relay's pace, against 0.13 ms for these. On two cores that starved the load generator now and then:
+every request in flight then read some 150 ms slower, all at once, while the relay saw nothing slow
+(README, Performance).
 """
 from __future__ import annotations
 
@@ -55,11 +57,16 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     else:
         head = bytes((_FIN | opcode, _MASKED | 127)) + size.to_bytes(8, "big")
     key = os.urandom(4)
+    return head + key + _masked(key, payload)
+
+
+def _masked(key: bytes, payload: bytes) -> bytes:
+    """``payload`` XORed with the repeated 4-byte ``key`` (RFC 6455, 5.3): masks and unmasks alike."""
+    size = len(payload)
     if not size:
-        return head + key
+        return b""
     repeated = (key * (size // 4 + 1))[:size]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
-    return head + key + masked
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
 
 
 def server_frames(buffer: bytearray) -> Iterator[tuple[bool, int, bytes]]:
@@ -84,9 +91,8 @@ def server_frames(buffer: bytearray) -> Iterator[tuple[bool, int, bytes]]:
             return
         payload = bytes(buffer[offset:offset + size])
         del buffer[:offset + size]
-        if key and payload:
-            repeated = (key * (size // 4 + 1))[:size]
-            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
+        if key:
+            payload = _masked(key, payload)
         yield bool(first & _FIN), first & 0x0F, payload
 
 
