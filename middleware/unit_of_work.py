@@ -113,13 +113,19 @@ class UnitOfWork:
         if op.name not in PIPELINE_OPS:
             self.flush()
             return self._direct(store, backend, label, op)
-        queued = self._take()
+        carried = _Queued(store, label, op)
+        if op.name == "get" and op.args[0] in self._prefetching:
+            # Its own prefetch is queued: that read carries the queue, sent last, not a second GET.
+            queued = [item for item in self._take() if not (item.prefetch and item.op == op)]
+            carried.prefetch = True
+        else:
+            queued = self._take()
         if any(item.store.fallback_to_memory != store.fallback_to_memory for item in queued):
             # A failure would be handled differently for the queue and for this call: send them apart.
             self._send(backend, queued)
             queued = []
         self._forget(op)
-        results = self._send(backend, queued + [_Queued(store, label, op)], carried=True)
+        results = self._send(backend, queued + [carried], carried=True)
         return results[-1]
 
     def refuses(self, backend: Store) -> bool:
@@ -159,10 +165,16 @@ class UnitOfWork:
         return queued
 
     def _forget(self, op: Op) -> None:
-        """A write to a key makes what was read of it stale."""
+        """A write to a key makes what was read of it stale, and so does a write queued after the
+        key's prefetch: that read still goes out, but its answer is not kept."""
         if op.name not in READ_OPS:
             for key in op.keys():
                 self._cache.pop(key, None)
+                if key in self._prefetching:
+                    self._prefetching.discard(key)
+                    for item in self._queue:
+                        if item.prefetch and item.op.args[0] == key:
+                            item.prefetch = False
 
     def _direct(self, store: "RoutedStore", backend: Store, label: str, op: Op) -> Any:
         started = time.perf_counter()

@@ -88,6 +88,35 @@ def test_prefetched_reads_ride_along_and_writes_make_them_stale(rig: Rig) -> Non
         assert rig.sends() == before + 3
 
 
+def _gets(rig: Rig) -> int:
+    with rig.server.client() as inspect:
+        return int(inspect.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_a_read_of_a_prefetched_key_is_sent_once(rig: Rig) -> None:
+    rig.redis.set("t:dev:idempotency:m1", '{"version":1,"updatedAt":"2026-01-01T00:00:00.000Z",'
+                                          '"data":{"reservedAtMs":1}}')
+    with rig.router.bound():
+        keys = rig.router.store("idempotency")
+        sends, gets = rig.sends(), _gets(rig)
+        keys.prefetch("m1", "m2")
+        assert keys.get("m1") == {"reservedAtMs": 1}  # carries the queue, its own prefetch included
+        assert keys.get("m2") is None and keys.get("m1") == {"reservedAtMs": 1}  # both answered already
+        assert rig.sends() == sends + 1
+        assert _gets(rig) == gets + 2
+
+
+def test_a_write_queued_after_a_prefetch_of_its_key_is_what_later_reads_see(rig: Rig) -> None:
+    rig.redis.set("t:dev:idempotency:m1", '{"version":1,"updatedAt":"2026-01-01T00:00:00.000Z",'
+                                          '"data":{"reservedAtMs":1}}')
+    with rig.router.bound():
+        keys = rig.router.store("idempotency")
+        keys.prefetch("m1")
+        keys.defer_set("m1", {"reservedAtMs": 2})
+        assert keys.get("m1") == {"reservedAtMs": 2}
+        assert keys.get("m1") == {"reservedAtMs": 2}  # not the prefetch's answer from before the write
+
+
 def test_the_end_of_the_scope_flushes(rig: Rig) -> None:
     with rig.router.bound():
         rig.router.store("idempotency").defer_set("late", {"reservedAtMs": 2})
