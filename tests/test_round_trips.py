@@ -9,6 +9,7 @@ this count is what a regression breaks.
 """
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,21 +28,28 @@ from tests.lifecycle.conftest import FakeAgent
 from tests.support.redisproc import RedisServer
 
 HOT_PATH_ROUND_TRIPS = 2
-#: An agent's result: the in-flight and audit records read together, the audit record written, then
-#: the in-flight record claimed with the audit index entry, the locale and the in-flight index removal.
+#: An agent's result: the in-flight and audit records read together, the audit record written with the
+#: locale, then the in-flight record claimed with the audit index entry and the in-flight index removal.
 RESULT_ROUND_TRIPS = 3
 
 
 class CountingConnection(redis.Connection):
-    """Counts what it sends: each ``send_packed_command`` is one round trip."""
+    """Counts what it sends: each ``send_packed_command`` is one round trip; ``gets`` counts the
+    ``GET`` commands in them (not those that scripts make on the server)."""
 
     lock = threading.Lock()
     total = 0
+    gets = 0
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        payload = b"".join(command) if isinstance(command, list) else bytes(command)
         with CountingConnection.lock:
             CountingConnection.total += 1
+            CountingConnection.gets += len(_GET.findall(payload))
         super().send_packed_command(command, check_health)
+
+
+_GET = re.compile(rb"\*\d+\r\n\$3\r\nGET\r\n")
 
 
 class Relay:
@@ -140,6 +148,21 @@ def test_an_agent_result_takes_three_round_trips(relay: Relay) -> None:
     assert CountingConnection.total - before == RESULT_ROUND_TRIPS
     assert relay.record(ack["commandId"])["status"] == "agent_ok"
     assert ack["commandId"] not in [item["commandId"] for item in relay.client.get("/inflight").get_json()["items"]]
+
+
+def test_an_agent_result_reads_each_record_once(relay: Relay) -> None:
+    """The in-flight and audit records are prefetched, and the reads that follow take the prefetches'
+    answers: two ``GET``s for the result."""
+    agent = relay.connect("m1")
+    relay.callback()
+    ack, _ = relay.callback()
+    frame = {"type": "agent.result", "result": {"commandId": ack["commandId"], "machineId": "m1",
+                                                "status": "ok", "summary": "all good"}}
+    before = CountingConnection.gets
+    with relay.relay.router.bound(fresh=True):
+        relay.relay.agent_events.on_result(agent, frame)
+    assert CountingConnection.gets - before == 2
+    assert relay.record(ack["commandId"])["status"] == "agent_ok"
 
 
 def _startup_round_trips(server: RedisServer, log_dir: Any) -> tuple[Relay, int]:
