@@ -301,6 +301,9 @@ def connect(url: Union[str, RedisTarget], options: ClientOptions) -> Client:
     common["retry"] = Retry(NoBackoff(), 0)
     common["health_check_interval"] = options.health_check_interval_s
     common["parser_class"] = ReadinessParser
+    if target.url.partition(":")[0].lower() == "unix":
+        # TCP keepalive has no meaning on a Unix socket, and redis-py's connection for one refuses it.
+        del common["socket_keepalive"]
     if target.kind == SENTINEL:
         sentinel = Sentinel(target.nodes, sentinel_kwargs={
             "socket_timeout": options.socket_timeout_s, "socket_connect_timeout": options.connect_timeout_s,

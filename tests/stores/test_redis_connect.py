@@ -11,6 +11,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from relay.stores.base import Op
+from relay.stores.redis import RedisStore
 from relay.stores.redis_connect import (
     ClientOptions,
     FollowingSentinelPool,
@@ -48,6 +50,18 @@ def test_a_server_url_gives_a_plain_client_with_our_timeouts() -> None:
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["db"]) == (0.3, 0.2, 3)
     assert kwargs["retry"].get_retries() == 0 and kwargs["decode_responses"] is True
     assert client.connection_pool.max_connections == 7
+
+
+def test_a_unix_socket_url_gives_a_client_the_store_runs_on(redis_server: RedisServer) -> None:
+    """``unix://`` is a documented ``REDIS_URL``; redis-py's connection for it takes no TCP options."""
+    store = RedisStore(redis_server.unix_url, breaker=None)
+    try:
+        assert store._client().connection_pool.connection_class is redis.UnixDomainSocketConnection
+        store.set("t:unix", "v")
+        assert store.execute([Op("get", ("t:unix",)), Op("index_add", ("t:idx", {"m": 1.0}))]) == ["v", None]
+        assert redis_server.client().get("t:unix") == "v"
+    finally:
+        store.close()
 
 
 def test_every_connection_reports_one_driver_info_looked_up_once(

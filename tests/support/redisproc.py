@@ -95,6 +95,13 @@ class RedisServer:
             raise RedisServerError("the server has not been started")
         return f"redis://{HOST}:{self.port}/0"
 
+    @property
+    def unix_url(self) -> str:
+        """The same server through its Unix socket (in its own working directory)."""
+        if self.port is None:
+            raise RedisServerError("the server has not been started")
+        return f"unix://{self._workdir / 'redis.sock'}?db=0"
+
     def client(self, **kwargs: Any) -> redis.Redis:
         """A plain redis-py client (``decode_responses=True``) for inspecting the server."""
         options: dict[str, Any] = {"decode_responses": True, "socket_timeout": 5}
@@ -168,6 +175,8 @@ class RedisServer:
             self.binary,
             "--bind", HOST,
             "--port", str(port),
+            "--unixsocket", str(self._workdir / "redis.sock"),
+            "--unixsocketperm", "700",
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self._workdir),
