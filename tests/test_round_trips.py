@@ -136,33 +136,21 @@ def test_over_the_rate_limit_takes_one_round_trip_and_reserves_nothing(redis_ser
         limited.relay.close()
 
 
-def test_an_agent_result_takes_three_round_trips(relay: Relay) -> None:
+def test_an_agent_result_takes_three_round_trips_and_reads_each_record_once(relay: Relay) -> None:
+    """The in-flight and audit records are prefetched together, and the reads that follow take the
+    prefetches' answers: two ``GET``s for the result."""
     agent = relay.connect("m1")
     relay.callback()
     ack, _ = relay.callback()
     frame = {"type": "agent.result", "result": {"commandId": ack["commandId"], "machineId": "m1",
                                                 "status": "ok", "summary": "all good"}}
-    before = CountingConnection.total
+    before, gets = CountingConnection.total, CountingConnection.gets
     with relay.relay.router.bound(fresh=True):
         relay.relay.agent_events.on_result(agent, frame)
     assert CountingConnection.total - before == RESULT_ROUND_TRIPS
+    assert CountingConnection.gets - gets == 2
     assert relay.record(ack["commandId"])["status"] == "agent_ok"
     assert ack["commandId"] not in [item["commandId"] for item in relay.client.get("/inflight").get_json()["items"]]
-
-
-def test_an_agent_result_reads_each_record_once(relay: Relay) -> None:
-    """The in-flight and audit records are prefetched, and the reads that follow take the prefetches'
-    answers: two ``GET``s for the result."""
-    agent = relay.connect("m1")
-    relay.callback()
-    ack, _ = relay.callback()
-    frame = {"type": "agent.result", "result": {"commandId": ack["commandId"], "machineId": "m1",
-                                                "status": "ok", "summary": "all good"}}
-    before = CountingConnection.gets
-    with relay.relay.router.bound(fresh=True):
-        relay.relay.agent_events.on_result(agent, frame)
-    assert CountingConnection.gets - before == 2
-    assert relay.record(ack["commandId"])["status"] == "agent_ok"
 
 
 def _startup_round_trips(server: RedisServer, log_dir: Any) -> tuple[Relay, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import requests
 import websocket
 
@@ -15,6 +16,8 @@ ADMIN = {"x-admin-token": "unix-admin"}
 
 
 def test_a_unix_socket_redis_url_serves_callbacks_and_results(redis_server: RedisServer, tmp_path: Path) -> None:
+    if redis_server.unix_socket is None:
+        pytest.skip("the temporary directory's path is too long for a Unix socket")
     env = {"REDIS_URL": redis_server.unix_url, "STORE_PHASE": "redis-primary", "RELAY_ADMIN_TOKEN": "unix-admin",
            "ALLOWLIST_USERS": "u1", "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl")}
     with live_relay("wsgi:app", env=env) as relay:

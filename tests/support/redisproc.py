@@ -85,6 +85,9 @@ class RedisServer:
         self.startup_timeout_s = startup_timeout_s
         self.port: Optional[int] = None
         self._workdir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
+        socket_path = self._workdir / "redis.sock"
+        #: The server's Unix socket; ``None`` where the path would pass the OS limit (108 bytes on Linux).
+        self.unix_socket: Optional[Path] = socket_path if len(str(socket_path).encode()) < 100 else None
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._paused = False
 
@@ -100,7 +103,9 @@ class RedisServer:
         """The same server through its Unix socket (in its own working directory)."""
         if self.port is None:
             raise RedisServerError("the server has not been started")
-        return f"unix://{self._workdir / 'redis.sock'}?db=0"
+        if self.unix_socket is None:
+            raise RedisServerError(f"no Unix socket: the path under {self._workdir} would be too long")
+        return f"unix://{self.unix_socket}?db=0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A plain redis-py client (``decode_responses=True``) for inspecting the server."""
@@ -175,8 +180,7 @@ class RedisServer:
             self.binary,
             "--bind", HOST,
             "--port", str(port),
-            "--unixsocket", str(self._workdir / "redis.sock"),
-            "--unixsocketperm", "700",
+            *(("--unixsocket", str(self.unix_socket), "--unixsocketperm", "700") if self.unix_socket else ()),
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self._workdir),
