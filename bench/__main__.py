@@ -68,7 +68,8 @@ def machine_speed(sections: dict[str, Any]) -> Optional[dict[str, float]]:
     """Billions of instructions per relay CPU-second, per mode, when both the ``callbacks`` and the
     ``instructions`` sections ran: what turns instruction counts (which do not depend on the machine)
     into CPU time (which does). An estimate: the instructions are the worker's at concurrency 2,
-    the CPU time is every relay process's at concurrency 32."""
+    less its idle work (``bench.instructions.less_idle``), the CPU time is every relay process's at
+    concurrency 32."""
     counted = (sections.get("instructions") or {}).get("modes") or {}
     timed = (sections.get("callbacks") or {}).get("modes") or {}
     speed = {}
