@@ -42,7 +42,7 @@ CALLBACKS = 300
 CONCURRENCY = 2
 DUMP_WAIT_S = 60.0
 #: Seconds of idle worker measured after the load.
-IDLE_S = 8.0
+IDLE_S = 5.0
 #: Under callgrind the worker runs some fifty times slower than natively, and a result's round
 #: trips overlap the next callback's: a Redis reply can then take longer to be read than the 250 ms
 #: socket timeout meant for real time, and the callback fails (half of 300 in one run). Redis mode
