@@ -15,9 +15,9 @@ which saves most of a minute per mode; otherwise it is on from the start. Skippe
 not installed.
 
 The worker also works while no callback arrives (agents' heartbeats, its timers and watchers: some
-1.3 M instructions per second in memory mode and 3.5 M in Redis mode). Natively that is a few
-thousand instructions per callback under load; under callgrind, where the load takes some fifty
-times longer, it was 2 to 6 % of the count, and more on a slower machine, whose run lasts longer.
+1.2 M instructions per second in memory mode, 3 to 4 M in Redis mode and outage). Natively that is
+a few thousand instructions per callback under load; under callgrind, where the load takes some
+fifty times longer, it was 2 to 9 % of the count, more on a slower machine, whose run lasts longer.
 So a fourth dump, ``IDLE_S`` later with nothing sent, measures that rate, and
 ``instructions_per_callback`` is the load's count less the idle rate over the load's duration
 (``less_idle``); ``measured_per_callback`` keeps the count as it was.
