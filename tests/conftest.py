@@ -6,6 +6,8 @@ Redis:
 * ``redis_server`` (function): that server, running, resumed and flushed before
   the test, and brought back up after it, so a test may ``stop()``, ``start()``,
   ``pause()`` and ``resume()`` it freely.
+* ``unix_redis_server`` (function): a redis-server of its own that also listens on a Unix
+  socket (``unix_url``); the test is skipped where the socket's path would be too long.
 * ``redis_cluster`` (session): a local 3-primary Redis Cluster on free ports
   (``tests/support/rediscluster.py``), started when first asked for, always stopped at the end.
 * ``fake_redis_server`` / ``fake_redis``: a fresh in-process fakeredis server and a
@@ -27,6 +29,18 @@ from tests.support.redisproc import RedisServer
 def redis_session() -> Iterator[RedisServer]:
     server = RedisServer()
     try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def unix_redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(unix_socket=True)
+    try:
+        if server.unix_socket is None:
+            pytest.skip("the temporary directory's path is too long for a Unix socket")
         server.start()
         yield server
     finally:

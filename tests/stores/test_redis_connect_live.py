@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import requests
 import websocket
 
@@ -15,10 +14,9 @@ from tests.support.redisproc import RedisServer
 ADMIN = {"x-admin-token": "unix-admin"}
 
 
-def test_a_unix_socket_redis_url_serves_callbacks_and_results(redis_server: RedisServer, tmp_path: Path) -> None:
-    if redis_server.unix_socket is None:
-        pytest.skip("the temporary directory's path is too long for a Unix socket")
-    env = {"REDIS_URL": redis_server.unix_url, "STORE_PHASE": "redis-primary", "RELAY_ADMIN_TOKEN": "unix-admin",
+def test_a_unix_socket_redis_url_serves_callbacks_and_results(unix_redis_server: RedisServer,
+                                                            tmp_path: Path) -> None:
+    env = {"REDIS_URL": unix_redis_server.unix_url, "STORE_PHASE": "redis-primary", "RELAY_ADMIN_TOKEN": "unix-admin",
            "ALLOWLIST_USERS": "u1", "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl")}
     with live_relay("wsgi:app", env=env) as relay:
         ws = websocket.create_connection(relay.agent_url, timeout=5)
@@ -36,7 +34,7 @@ def test_a_unix_socket_redis_url_serves_callbacks_and_results(redis_server: Redi
         finally:
             ws.close()
     assert store["degraded"] is False and store["redis"]["reachable"] is True
-    with redis_server.client() as direct:
+    with unix_redis_server.client() as direct:
         assert direct.exists("codexbridge:dev:idempotency:unix-1")
         stored = json.loads(direct.get(f"codexbridge:dev:{{audit}}:{reply['commandId']}"))
     assert [e["status"] for e in stored["data"]["events"]] == ["created", "sent_to_agent", "agent_ok"]

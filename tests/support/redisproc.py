@@ -74,7 +74,8 @@ class RedisServer:
     is found again at the same ``url``.
     """
 
-    def __init__(self, binary: str = "redis-server", startup_timeout_s: float = 10.0) -> None:
+    def __init__(self, binary: str = "redis-server", startup_timeout_s: float = 10.0,
+                 unix_socket: bool = False) -> None:
         path = shutil.which(binary)
         if path is None:
             raise RedisServerError(
@@ -86,8 +87,10 @@ class RedisServer:
         self.port: Optional[int] = None
         self._workdir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
         socket_path = self._workdir / "redis.sock"
-        #: The server's Unix socket; ``None`` where the path would pass the OS limit (108 bytes on Linux).
-        self.unix_socket: Optional[Path] = socket_path if len(str(socket_path).encode()) < 100 else None
+        #: With ``unix_socket``, where the server also listens (``unix_url``); ``None`` without it, or
+        #: where the path would pass the OS limit (108 bytes on Linux).
+        self.unix_socket: Optional[Path] = (
+            socket_path if unix_socket and len(str(socket_path).encode()) < 100 else None)
         self._proc: Optional[subprocess.Popen[bytes]] = None
         self._paused = False
 
@@ -104,7 +107,7 @@ class RedisServer:
         if self.port is None:
             raise RedisServerError("the server has not been started")
         if self.unix_socket is None:
-            raise RedisServerError(f"no Unix socket: the path under {self._workdir} would be too long")
+            raise RedisServerError("no Unix socket: not asked for, or its path would be too long")
         return f"unix://{self.unix_socket}?db=0"
 
     def client(self, **kwargs: Any) -> redis.Redis:
