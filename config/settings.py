@@ -209,6 +209,7 @@ class EnvSchema(marshmallow.Schema):
     redis_cluster = EnvBool(data_key="REDIS_CLUSTER", load_default=None)
     redis_wait_replicas = EnvInt(0, 16, data_key="REDIS_WAIT_REPLICAS", load_default=0)
     redis_wait_timeout_ms = EnvInt(1, 60000, data_key="REDIS_WAIT_TIMEOUT_MS", load_default=100)
+    redis_multiplex = EnvBool(data_key="REDIS_MULTIPLEX", load_default=True)
     store_app = EnvSegment(data_key="STORE_APP", load_default=None)
     store_env = EnvSegment(data_key="STORE_ENV", load_default="dev")
     store_max_value_bytes = EnvInt(1024, data_key="STORE_MAX_VALUE_BYTES", load_default=1024 * 1024)
@@ -290,6 +291,9 @@ class Settings:
     #: ``REDIS_WAIT_REPLICAS``: replicas that must acknowledge correctness-critical writes (0 = off).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 100
+    #: ``REDIS_MULTIPLEX``: under gevent, greenlets' round trips share one connection
+    #: (``relay.stores.redis_multiplex``); off, each takes a pooled connection of its own.
+    redis_multiplex: bool = True
     machine_ttl_ms: int = 90000
     inflight_ttl_ms: int = 1800000
     relay_workers: int = 1

@@ -14,8 +14,8 @@ from relay.stores.replication import ReplicaWait
 
 
 def build_redis_store(settings: Settings) -> RedisStore:
-    """A ``RedisStore`` (``RedisClusterStore`` for a cluster URL) with the settings' timeouts and
-    ``REDIS_WAIT_REPLICAS``."""
+    """A ``RedisStore`` (``RedisClusterStore`` for a cluster URL) with the settings' timeouts,
+    ``REDIS_WAIT_REPLICAS`` and ``REDIS_MULTIPLEX``."""
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set")
     breaker = GuardedBreaker(
@@ -36,6 +36,7 @@ def build_redis_store(settings: Settings) -> RedisStore:
         max_value_bytes=settings.store_max_value_bytes,
         replica_wait=ReplicaWait.for_domains(KeySpace(settings.store_app, settings.store_env),
                                              settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
+        multiplex=settings.redis_multiplex,
     )
 
 

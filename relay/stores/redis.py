@@ -361,8 +361,11 @@ class RedisStore(Store):
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         cross_slot_scripts: bool = True,
         replica_wait: Optional[ReplicaWait] = None,
+        multiplex: bool = True,
     ) -> None:
         super().__init__(max_value_bytes)
+        #: Round trips from gevent greenlets share one connection (``relay.stores.redis_multiplex``).
+        self.multiplex = multiplex
         #: ``WAIT`` after writes of the correctness-critical domains (``relay.stores.replication``).
         self.replica_wait = replica_wait
         #: Scripts may touch keys of different slots (one server, not Redis Cluster).
@@ -442,7 +445,16 @@ class RedisStore(Store):
             "lastErrorAt": None if health.last_error_at is None else round(health.last_error_at, 3),
             "writesRefused": health.writes_refused,
             "dataLosses": health.data_losses,
+            "sharedConnection": self._shared_connection_counts(),
         }
+
+    def _shared_connection_counts(self) -> Optional[dict[str, int]]:
+        """This process's shared connection (``relay.stores.redis_multiplex``): round trips carried
+        and writes made; ``None`` while it has none."""
+        bound = self._bound
+        mine = bound is not None and bound.pid == os.getpid() and bound.connections is not None
+        shared = bound.connections.shared_connection if mine else None
+        return None if shared is None else {"roundTrips": shared.round_trips, "writes": shared.writes}
 
     def parser_name(self) -> str:
         """The RESP parser class of a live pooled connection (``"ReadinessParser"``, over hiredis)."""
@@ -486,7 +498,8 @@ class RedisStore(Store):
         return _Bound(
             pid=pid,
             client=client,
-            connections=None if is_cluster(client) else Connections(client.connection_pool),
+            connections=None if is_cluster(client) else Connections(client.connection_pool,
+                                                                    multiplex=self.multiplex),
             compare_and_set=client.register_script(_COMPARE_AND_SET),
             incr_with_ttl=client.register_script(_INCR_WITH_TTL),
             mset_with_ttl=client.register_script(_MSET_WITH_TTL),
@@ -720,7 +733,7 @@ class RedisStore(Store):
         wait = self.replica_wait if self.replica_wait is not None and self.replica_wait.waits_for(ops) else None
 
         def run(b: _Bound) -> list[Any]:
-            pipe = self._pipeline(b, ops)
+            pipe = self._pipeline(b, ops, shared=wait is None)
             for item in queued:
                 pipe.execute_command(*item.command)
             if wait is not None:
@@ -743,10 +756,11 @@ class RedisStore(Store):
                 results[index] = added
         return results
 
-    def _pipeline(self, b: _Bound, ops: Sequence[Op]) -> ConnectionPipeline:
-        """A pipeline (one connection, no ``MULTI``) for ``ops``."""
+    def _pipeline(self, b: _Bound, ops: Sequence[Op], shared: bool = True) -> ConnectionPipeline:
+        """A pipeline (one connection, no ``MULTI``) for ``ops``; on the shared connection where
+        there is one, unless ``shared`` is false (``WAIT`` must not hold the others up)."""
         assert b.connections is not None
-        return ConnectionPipeline(b.connections)
+        return ConnectionPipeline(b.connections, shared=shared)
 
     def _waits_for(self, key: str) -> bool:
         return self.replica_wait is not None and self.replica_wait.covers(key)
@@ -860,6 +874,15 @@ class RedisStore(Store):
         noticed, possibly a request's) each time the server is found to have lost its data."""
         self._marker_key = marker_key
         self._loss_listeners.append(listener)
+        bound = self._bound
+        if bound is not None and bound.pid == os.getpid():
+            # A connection adopts the server's epoch when it opens. Those this store opened before the
+            # marker was known did not, and the periodic check may come after a loss, which would then
+            # look like a first start: adopt it now where the server answers.
+            try:
+                self.check_data_loss()
+            except StoreError:
+                pass
 
     def check_data_loss(self) -> bool:
         """Look at the marker now; ``True`` when a loss was noticed. While writes were refused lately,
@@ -926,6 +949,8 @@ class RedisStore(Store):
         with self._bind_lock:
             bound, self._bound = self._bound, None
         if bound is not None and bound.pid == os.getpid():
+            if bound.connections is not None:
+                bound.connections.close()
             bound.client.close()
 
 

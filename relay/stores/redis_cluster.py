@@ -69,7 +69,7 @@ class RedisClusterStore(RedisStore):
     def _on_connect(self, connection: Any) -> None:
         """Nothing beyond redis-py's cluster handshake (it ran already): see the module docstring."""
 
-    def _pipeline(self, b: Any, ops: Sequence[Op]) -> ConnectionPipeline:
+    def _pipeline(self, b: Any, ops: Sequence[Op], shared: bool = True) -> ConnectionPipeline:
         """A pipeline on the node serving the (single) slot of ``ops``."""
         node = node_client_for(b.client, ops[0].keys()[0])
         return ConnectionPipeline(Connections(node.connection_pool, keep=False))

@@ -22,12 +22,15 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 from hiredis import pack_command
 
 from relay.stores.redis_connect import ReadinessParser
+
+if TYPE_CHECKING:
+    from relay.stores.redis_multiplex import MultiplexedConnection
 
 
 def pack(connection: Any, commands: Sequence[tuple[Any, ...]]) -> list[bytes]:
@@ -116,12 +119,39 @@ class Connections:
     Other pools (Sentinel's, which re-checks where the primary is at checkout) are used as they are,
     and so is any pool with ``keep=False`` (a Redis Cluster node's, whose pools come and go with the
     topology).
+
+    With ``multiplex``, a round trip made from a gevent greenlet goes over one connection shared by
+    all of them (``shared``, ``relay.stores.redis_multiplex``) where the pool allows it.
     """
 
-    def __init__(self, pool: redis.ConnectionPool, keep: bool = True) -> None:
+    def __init__(self, pool: redis.ConnectionPool, keep: bool = True, multiplex: bool = False) -> None:
         self.pool = pool
         self._keep = keep and type(pool) is redis.ConnectionPool
         self._idle: list[Any] = []
+        self._multiplex = multiplex and self._keep
+        self._shared: Optional[MultiplexedConnection] = None
+
+    @property
+    def shared_connection(self) -> Optional[MultiplexedConnection]:
+        """The ``MultiplexedConnection`` once one was made, whoever may use it."""
+        return self._shared
+
+    def shared(self) -> Optional[MultiplexedConnection]:
+        """The ``MultiplexedConnection`` the calling greenlet may use, or ``None``."""
+        if not self._multiplex:
+            return None
+        shared = self._shared
+        if shared is None:
+            from relay.stores.redis_multiplex import MultiplexedConnection, multiplexable
+
+            if not multiplexable(self.pool):
+                self._multiplex = False
+                return None
+            shared = MultiplexedConnection.for_current_hub(self.pool)
+            if shared is None:
+                return None
+            self._shared = shared
+        return shared if shared.serves_current() else None
 
     def take(self) -> Any:
         if not self._keep:
@@ -144,12 +174,21 @@ class Connections:
         else:
             self.pool.release(connection)
 
+    def close(self) -> None:
+        """Close the shared connection; the pool's own are closed with the pool."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
+
 
 class ConnectionPipeline:
-    """Queue commands with ``execute_command``, then ``execute`` them in one round trip."""
+    """Queue commands with ``execute_command``, then ``execute`` them in one round trip: over the
+    shared connection where ``connections`` offers one, unless ``shared`` is false (the round trip
+    must have a connection to itself)."""
 
-    def __init__(self, connections: Connections) -> None:
+    def __init__(self, connections: Connections, shared: bool = True) -> None:
         self._connections = connections
+        self._shared = shared
         self._commands: list[tuple[Any, ...]] = []
 
     def execute_command(self, *args: Any) -> None:
@@ -161,12 +200,16 @@ class ConnectionPipeline:
         commands, self._commands = self._commands, []
         if not commands:
             return []
-        connection = self._connections.take()
-        try:
-            send(connection, pack(connection, commands))
-            replies = read_replies(connection, len(commands))
-        finally:
-            self._connections.give_back(connection)
+        multiplexed = self._connections.shared() if self._shared else None
+        if multiplexed is not None:
+            replies = multiplexed.run(commands)
+        else:
+            connection = self._connections.take()
+            try:
+                send(connection, pack(connection, commands))
+                replies = read_replies(connection, len(commands))
+            finally:
+                self._connections.give_back(connection)
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, redis.ResponseError):

@@ -17,6 +17,7 @@ def test_reference_defaults() -> None:
     assert (s.command_template_ttl_ms, s.command_template_max, s.command_fingerprint_ttl_ms) == (86400000, 5000, 15000)
     assert s.store_backend == "memory" and s.wecom_passive_reply is True and s.admin_token is None
     assert s.store_app == "codexbridge" and s.store_env == "dev"
+    assert s.redis_multiplex is True
 
 
 @pytest.mark.parametrize("name, value", [
@@ -25,7 +26,7 @@ def test_reference_defaults() -> None:
     ("REDIS_MACHINE_TTL_MS", "1500.5"), ("AUDIT_MAX_RECORDS", "-1"), ("STORE_BACKEND", "postgres"),
     ("WECOM_ENCODING_AES_KEY", "too-short"), ("REDIS_SOCKET_TIMEOUT_MS", "nan"), ("LOG_LEVEL", "loud"),
     ("STORE_ENV", "Prod!"), ("WECOM_AGENT_ID", "12a"), ("RELAY_THREADS", "2"),
-    ("RELAY_CONNECTIONS", "many"), ("RELAY_WORKER_CLASS", "eventlet"),
+    ("RELAY_CONNECTIONS", "many"), ("RELAY_WORKER_CLASS", "eventlet"), ("REDIS_MULTIPLEX", "sometimes"),
 ])
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -22,7 +22,7 @@ from middleware.routed_store import RoutedStore
 from middleware.routing import StoreRouter
 from middleware.writeback import REPAIR_REDIS, WRITE_BACK, Reconciler, WriteBackJournal, undo
 from relay.domains import idempotency
-from relay.stores.base import Store, StoreUnavailable
+from relay.stores.base import Op, Store, StoreUnavailable
 from relay.stores.envelope import iso_ms
 from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
@@ -87,6 +87,27 @@ def test_a_restart_without_persistence_is_noticed_on_the_next_connection(
             outcomes.append(None)
     assert outcomes[-1] is True and None in outcomes
     assert losses == [1]
+
+
+def test_a_store_used_before_the_marker_was_known_adopts_it_at_once(
+        store: RedisStore, redis_server: RedisServer) -> None:
+    """A store used before ``watch_data_loss`` (the relay reads its flags at startup) holds a
+    connection that never looked at the marker, and it may be the only one (a gevent worker shares
+    one): the epoch is adopted when the marker becomes known, so a loss before the first periodic
+    check is still a loss."""
+    assert store.execute([Op("set", ("t:dev:before", "1", None))]) == [None]
+    losses: list[int] = []
+    store.watch_data_loss(MARKER, lambda: losses.append(1))
+    assert redis_server.client().get(MARKER) is not None
+    redis_server.stop()
+    redis_server.start()
+    for _ in range(5):
+        try:
+            store.execute([Op("get", ("t:dev:before",))])
+            break
+        except StoreUnavailable:
+            continue
+    assert losses == [1] and store.data_losses == 1
 
 
 def test_a_connection_that_finds_the_marker_just_replaced_by_another_fails_its_first_command(

@@ -1,0 +1,263 @@
+"""``MultiplexedConnection``: one Redis connection that carries the round trips of every greenlet of
+a gevent worker; the round trips queued while the event loop runs its ready greenlets go out in one
+write.
+
+Under load a gevent worker serves many callbacks at once, and each used to make its round trips on
+a connection of its own: a write, a wait in the event loop and a read per round trip, and as many
+reads and writes for redis-server. Those system calls and wake-ups cost more than the commands.
+Here a round trip is queued instead: its commands join one buffer, which is written once the loop
+has run every greenlet that was ready, and the replies are handed back in the order the commands
+were written, which is the order Redis answers them in. A pass of the loop that ran ten callbacks
+makes one write and, as a rule, one read. The round trip of a lone request waits for no one: the
+buffer is written as soon as that greenlet waits.
+
+It serves a plain gevent socket (TCP or Unix, not TLS) speaking RESP2, called from a greenlet of
+the hub it was made under (``serves_current``). Anything else goes through
+``relay.stores.redis_pipeline.Connections`` as before, and so do round trips that must have a
+connection to themselves: ``WAIT`` holds its connection until the replicas answer.
+
+Failures end every round trip waiting on the connection, as each would have ended on a connection
+of its own:
+
+* nothing read for the socket timeout while replies are owed: ``redis.TimeoutError``;
+* the server closed the connection, or a read or write failed: ``redis.ConnectionError``;
+* opening the connection failed: the error the opening greenlet raises.
+
+The connection is then closed, and the next round trip opens it again (redis-py's handshake and
+the store's ``on_connect`` hook included). An error reply stays in its place in its round trip's
+replies, as ``ConnectionPipeline`` leaves it; a reply that is a ``redis.ConnectionError``
+(``LOADING``) is raised to that round trip alone, since the replies still line up.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import redis
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
+
+from relay.stores.redis_pipeline import pack
+
+#: Bytes read from the socket at a time.
+READ_SIZE = 65536
+_READ, _WRITE = 1, 2
+_PLAIN_CONNECTIONS = (redis.Connection, redis.UnixDomainSocketConnection)
+
+
+def multiplexable(pool: Any) -> bool:
+    """Whether ``pool`` makes connections a ``MultiplexedConnection`` can take: plain (not TLS),
+    RESP2, over gevent's sockets (the worker is monkey-patched). Asked once per pool."""
+    gevent_socket = sys.modules.get("gevent._socket3")
+    return (gevent_socket is not None and type(pool) is redis.ConnectionPool
+            and pool.connection_class in _PLAIN_CONNECTIONS
+            and pool.connection_kwargs.get("protocol") in (None, 2, "2")
+            and getattr(redis.connection.socket, "socket", None) is gevent_socket.socket)
+
+
+class MultiplexedConnection:
+    """One connection of ``pool`` shared by the greenlets of the current thread's gevent hub."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        from gevent import getcurrent
+        from gevent._hub_local import get_hub_if_exists
+        from gevent.hub import Waiter, get_hub
+
+        self._waiter_class = Waiter
+        self._current_greenlet = getcurrent
+        self._current_hub = get_hub_if_exists
+        self._hub = get_hub()
+        self._loop = self._hub.loop
+        self._pool = pool
+        self._connection: Any = pool.get_connection()
+        timeout_s = pool.connection_kwargs.get("socket_timeout")
+        #: Fires when owed replies have not progressed for the socket timeout. libev's ``again``
+        #: arms a timer for its repeat value, libuv's for its after value: both are the timeout.
+        self._timer = self._loop.timer(timeout_s, timeout_s) if timeout_s else None
+        self._socket: Any = None
+        self._reader: Any = None
+        self._read_watcher: Any = None
+        self._write_watcher: Any = None
+        self._opening = False
+        self._buffer = bytearray(READ_SIZE)
+        #: Packed commands queued since the last write.
+        self._queued: list[bytes] = []
+        self._flush_scheduled = False
+        #: Bytes the socket did not take at the last write; written when it is writable again.
+        self._unwritten = b""
+        #: Per round trip not yet answered, in the order its commands were queued: how many replies
+        #: it is owed and the waiter to hand them to.
+        self._owed: deque[tuple[int, Any]] = deque()
+        #: Replies read so far for the round trip at the head of ``_owed``.
+        self._partial: list[Any] = []
+        self._closed = False
+        #: Round trips carried and writes made (a write carries every round trip queued before it).
+        self.round_trips = 0
+        self.writes = 0
+
+    @classmethod
+    def for_current_hub(cls, pool: redis.ConnectionPool) -> Optional["MultiplexedConnection"]:
+        """One for the calling greenlet's hub; ``None`` where no gevent hub runs this thread, or
+        when called from the hub itself (which cannot wait)."""
+        from gevent import getcurrent
+        from gevent._hub_local import get_hub_if_exists
+
+        hub = get_hub_if_exists()
+        if hub is None or getcurrent() is hub:
+            return None
+        return cls(pool)
+
+    def serves_current(self) -> bool:
+        """Whether the calling greenlet may use it: one of its hub's greenlets, not the hub itself."""
+        hub = self._hub
+        return not self._closed and self._current_hub() is hub and self._current_greenlet() is not hub
+
+    def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The replies to ``commands``, in order, an error reply in its place. Raises
+        ``redis.TimeoutError`` or ``redis.ConnectionError`` as described above."""
+        if self._closed:
+            raise redis.ConnectionError("the shared connection was closed")
+        if self._socket is None and not self._opening:
+            self._open()
+        waiter = self._waiter_class(self._hub)
+        self._queued.extend(pack(self._connection, commands))
+        self._owed.append((len(commands), waiter))
+        self.round_trips += 1
+        if self._socket is not None:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.run_callback(self._flush)
+            timer = self._timer
+            if timer is not None and not timer.active:
+                timer.again(self._timed_out)
+        replies = waiter.get()
+        for reply in replies:
+            if isinstance(reply, redis.ConnectionError):
+                raise reply
+            if type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
+                raise reply[0]
+        return replies
+
+    def close(self) -> None:
+        """Fail what is owed, close the connection and give it back to its pool."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail(redis.ConnectionError("the store was closed"))
+        self._pool.release(self._connection)
+
+    # -- the connection -------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Connect in the calling greenlet; round trips queued meanwhile wait for it."""
+        self._opening = True
+        try:
+            self._connection.connect()
+        except BaseException as error:
+            self._opening = False
+            self._fail(error if isinstance(error, redis.RedisError) else redis.ConnectionError(str(error)))
+            raise
+        self._opening = False
+        connection = self._connection
+        self._socket = connection._sock._sock
+        self._reader = connection._parser._reader
+        fileno = self._socket.fileno()
+        self._read_watcher = self._loop.io(fileno, _READ)
+        self._write_watcher = self._loop.io(fileno, _WRITE)
+        self._read_watcher.start(self._readable)
+        if self._queued:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush)
+        if self._owed and self._timer is not None:
+            self._timer.again(self._timed_out)
+
+    def _fail(self, error: BaseException) -> None:
+        """End every owed round trip with (a copy of) ``error`` and close the connection."""
+        owed, self._owed = self._owed, deque()
+        self._queued, self._partial, self._unwritten = [], [], b""
+        for watcher in (self._read_watcher, self._write_watcher, self._timer):
+            if watcher is not None:
+                watcher.stop()
+        self._read_watcher = self._write_watcher = None
+        self._socket = self._reader = None
+        self._connection.disconnect()
+        for _, waiter in owed:
+            # Thrown from the hub, as a waiter must be; each greenlet gets an exception of its own.
+            self._loop.run_callback(waiter.throw, type(error)(*error.args))
+
+    # -- event-loop callbacks (run in the hub) --------------------------------------------------
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._socket is None or not self._queued:
+            return
+        data = b"".join(self._queued)
+        self._queued = []
+        if self._unwritten:
+            self._unwritten += data
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            sent = self._socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            errno, message = error.args if len(error.args) == 2 else ("UNKNOWN", error.args[0] if error.args else "")
+            self._fail(redis.ConnectionError(f"Error {errno} while writing to socket. {message}."))
+            return
+        self.writes += 1
+        if sent < len(data):
+            self._unwritten = data[sent:]
+            self._write_watcher.start(self._writable)
+
+    def _writable(self) -> None:
+        data, self._unwritten = self._unwritten, b""
+        self._write_watcher.stop()
+        if data:
+            self._write(data)
+
+    def _timed_out(self) -> None:
+        self._fail(redis.TimeoutError("Timeout reading from socket"))
+
+    def _readable(self) -> None:
+        try:
+            size = self._socket.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._fail(redis.ConnectionError(f"Error while reading from socket: {error.args}"))
+            return
+        if size == 0:
+            self._fail(redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR))
+            return
+        reader = self._reader
+        reader.feed(self._buffer, 0, size)
+        owed, partial = self._owed, self._partial
+        answered = []
+        while owed:
+            count, waiter = owed[0]
+            while len(partial) < count:
+                reply = reader.gets()
+                if reply is NOT_ENOUGH_DATA:
+                    break
+                partial.append(reply)
+            if len(partial) < count:
+                break
+            owed.popleft()
+            answered.append((waiter, partial))
+            partial = []
+        self._partial = partial
+        if not owed and reader.gets() is not NOT_ENOUGH_DATA:
+            self._fail(redis.ConnectionError("Redis sent a reply nothing was waiting for"))
+            return
+        timer = self._timer
+        if timer is not None:
+            if owed:
+                timer.again(self._timed_out)
+            else:
+                timer.stop()
+        for waiter, replies in answered:
+            waiter.switch(replies)
+
