@@ -162,15 +162,37 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     with a request ready before this keep-alive connection's next request. A request already
     waiting in the socket would otherwise be read and served at once, so under saturation the
     quickest clients are served again and again while the others wait: on the callback benchmark,
-    p95 67 to 75 ms and p99 94 to 122 ms, against 33 to 35 and 36 to 53 ms with a yield. The yield
-    is ``gevent.idle()``, not ``sleep(0)``: ``sleep(0)`` only lets greenlets run that the loop
-    already knows are ready, and the loop runs the callbacks it queues again before it polls, so a
-    connection that was idle until now could still wait behind all of this one's requests
-    (``README.md``, Performance)."""
-    if worker_class == "gevent":
-        from gevent import idle
+    p95 67 to 75 ms and p99 94 to 122 ms, against 33 to 35 and 36 to 53 ms with a yield.
 
-        idle()
+    The wait is a check watcher of the lowest priority: libev runs check watchers after each poll,
+    and the lowest priority puts it after every socket the poll found ready; an idle watcher beside
+    it keeps that poll from blocking in a quiet worker. ``sleep(0)`` does not
+    poll first: the loop runs the callbacks it queues again before it polls, so a connection idle
+    until now could still wait behind all of this one's requests. ``gevent.idle()`` waits for a
+    pass with nothing else to do, which a saturated worker may not have for a long time: with the
+    Redis round trips of every request on one connection (``relay/stores/redis_multiplex.py``) all
+    32 benchmark clients stalled together for 100 to 150 ms a few times a second, and the Redis-mode
+    p99 read 45 to 97 ms instead of 21 ms (``README.md``, Performance)."""
+    if worker_class == "gevent":
+        from gevent import get_hub
+
+        loop = get_hub().loop
+        # An active idle watcher keeps that poll from blocking when nothing else is due: this
+        # connection's next request may be waiting, but its socket is not watched until then.
+        awake = loop.idle()
+        awake.start(_nothing)
+        try:
+            get_hub().wait(loop.check(priority=LOWEST_PRIORITY))
+        finally:
+            awake.stop()
+
+
+def _nothing() -> None:
+    """An idle watcher's callback: it is there only to keep the loop's poll from blocking."""
+
+
+#: libev's ``EV_MINPRI``; libuv has no priorities, and runs its check watchers after the poll's.
+LOWEST_PRIORITY = -2
 
 
 def _in_background(target: Any, *args: Any) -> None:

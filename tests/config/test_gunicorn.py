@@ -29,8 +29,8 @@ def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_ot
     """Client A pipelines 20 requests, the first of which keeps the worker busy for a second;
     meanwhile client B, already connected and served once, sends one. Without a yield between
     requests the worker serves all of A's, already in its buffer, before B's, and so it does with a
-    yield that does not let the loop poll the sockets first (``gevent.sleep(0)``); with
-    ``gevent.idle()``, B's comes within the first few."""
+    yield that does not let the loop poll the sockets first (``gevent.sleep(0)``); with the
+    yield of ``post_request``, B's comes within the first few."""
     with live_relay("tests.support.order_app:app") as relay:
         a = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
         b = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
@@ -48,6 +48,32 @@ def test_a_connection_with_requests_waiting_does_not_keep_the_worker_from_the_ot
         order = json.loads(requests.get(relay.url("/order"), timeout=5).text)
     assert sorted(order) == sorted([f"a{i}" for i in range(PIPELINED)] + ["b-connected", "b"])
     assert order.index("b") <= 3, order
+
+
+def test_a_keep_alive_connection_is_served_again_while_the_loop_is_never_idle() -> None:
+    """The yield between a connection's requests must not wait for an idle loop, which a saturated
+    worker may not have: while a greenlet keeps the loop busy, three more requests on the same
+    connection are answered (``gevent.idle()`` held the second until the spinning stopped)."""
+    with live_relay("tests.support.order_app:app") as relay:
+        with requests.Session() as session:
+            assert session.get(relay.url("/spin"), timeout=5).text == "ok"
+            for i in range(3):
+                assert session.get(relay.url(f"/hit/during-spin-{i}"), timeout=10).text == "ok"
+            order = json.loads(session.get(relay.url("/order"), timeout=10).text)
+    assert order == ["during-spin-0", "during-spin-1", "during-spin-2"]
+
+
+def test_in_a_quiet_worker_the_next_request_on_a_connection_is_not_held_for_another_event() -> None:
+    """The yield waits for the loop's next poll; in a worker with nothing else to do that poll must
+    not block until some unrelated timer (gunicorn's, once a second), or each request on a
+    keep-alive connection would take that long: ten took 10 s that way, against milliseconds."""
+    with live_relay("tests.support.order_app:app") as relay:
+        with requests.Session() as session:
+            session.get(relay.url("/hit/first"), timeout=10)
+            started = time.monotonic()
+            for i in range(10):
+                assert session.get(relay.url(f"/hit/next-{i}"), timeout=10).text == "ok"
+            assert time.monotonic() - started < 5.0
 
 
 def test_the_worker_reads_each_setting_once_as_a_plain_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
