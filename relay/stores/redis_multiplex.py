@@ -129,14 +129,14 @@ class MultiplexedConnection:
         self._owed.append((len(commands), waiter))
         self.round_trips += 1
         if self._socket is not None:
+            timer = self._timer
+            if timer is not None and not timer.active:
+                timer.again(self._timed_out)
             if len(self._owed) == 1 and not self._unwritten:
                 self._flush()  # nothing else in flight: no reason to wait
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.run_callback(self._flush)
-            timer = self._timer
-            if timer is not None and not timer.active:
-                timer.again(self._timed_out)
         replies = waiter.get()
         for reply in replies:
             if isinstance(reply, redis.ConnectionError):
@@ -177,8 +177,9 @@ class MultiplexedConnection:
         if self._owed and self._timer is not None:
             self._timer.again(self._timed_out)
 
-    def _fail(self, error: BaseException) -> None:
-        """End every owed round trip with (a copy of) ``error`` and close the connection."""
+    def _fail(self, error: BaseException, also: Sequence[Any] = ()) -> None:
+        """End every owed round trip (and the waiters in ``also``) with a copy of ``error``, and
+        close the connection."""
         owed, self._owed = self._owed, deque()
         self._queued, self._partial, self._unwritten = [], [], b""
         for watcher in (self._read_watcher, self._write_watcher, self._timer):
@@ -187,7 +188,7 @@ class MultiplexedConnection:
         self._read_watcher = self._write_watcher = None
         self._socket = self._reader = None
         self._connection.disconnect()
-        for _, waiter in owed:
+        for waiter in [*(waiter for _, waiter in owed), *also]:
             # Thrown from the hub, as a waiter must be; each greenlet gets an exception of its own.
             self._loop.run_callback(waiter.throw, type(error)(*error.args))
 
@@ -255,7 +256,9 @@ class MultiplexedConnection:
             partial = []
         self._partial = partial
         if not owed and reader.gets() is not NOT_ENOUGH_DATA:
-            self._fail(redis.ConnectionError("Redis sent a reply nothing was waiting for"))
+            # Out of step: no reply read on this connection can be trusted, those just read included.
+            self._fail(redis.ConnectionError("Redis sent a reply nothing was waiting for"),
+                       also=[waiter for waiter, _ in answered])
             return
         timer = self._timer
         if timer is not None:

@@ -140,6 +140,21 @@ def test_a_connection_the_server_closes_fails_what_it_owes_and_the_next_reconnec
     assert "shared" not in [c["name"] for c in admin.client_list()]
 
 
+def test_a_reply_nothing_waits_for_closes_the_connection_and_the_next_round_trip_reopens_it(
+        connections: Connections, redis_server: RedisServer) -> None:
+    """Replies are matched to round trips by their order alone: one that nobody asked for means the
+    connection is out of step, so it is closed rather than trusted."""
+    shared = opened(connections)
+    admin = redis_server.client()
+    (named,) = in_greenlets(partial(round_trip, connections, ("CLIENT", "SETNAME", "out-of-step")))
+    assert named.value == ["OK"]
+    shared._socket.send(b"*1\r\n$4\r\nPING\r\n")  # a command written past the shared connection
+    gevent.sleep(0.1)
+    assert "out-of-step" not in [c["name"] for c in admin.client_list()]
+    (again,) = in_greenlets(partial(round_trip, connections, ("SET", "k", "v"), ("GET", "k")))
+    assert again.value == ["OK", "v"]
+
+
 def test_a_round_trip_that_must_not_share_takes_a_pooled_connection(connections: Connections) -> None:
     shared = opened(connections)
     carried = shared.round_trips
