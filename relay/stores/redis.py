@@ -44,6 +44,9 @@ How a call runs:
   deferred writes and prefetched reads with the call that needs an answer.
   Scripts in a pipeline are sent with ``EVAL`` (the server caches them by hash),
   since redis-py would spend a round trip on ``SCRIPT EXISTS`` for ``EVALSHA``.
+  Under gevent those pipelines share one connection per worker, written together
+  (``relay.stores.redis_multiplex``, ``multiplex``); one followed by ``WAIT`` keeps
+  a pooled connection.
 """
 from __future__ import annotations
 

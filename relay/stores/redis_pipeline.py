@@ -12,6 +12,9 @@ packed by hiredis, one call each (``pack``). The replies are read by the store's
 (``ReadinessParser.read_replies``, ``relay/stores/redis_connect.py``), or through redis-py's
 ``read_response`` one by one on a connection with another parser.
 
+Under gevent a round trip goes over the worker's shared connection instead, where ``Connections``
+offers one (``relay.stores.redis_multiplex``): same packing, same replies, another way of waiting.
+
 A command the server answers with an error leaves its ``redis.ResponseError`` (or subclass, such as
 ``OutOfMemoryError``) in the reply list; the connection stays in step because every reply is read.
 A connection error or timeout is raised as redis-py raises it, and the connection, which may hold
