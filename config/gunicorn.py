@@ -157,6 +157,10 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+#: libev's ``EV_MINPRI``; libuv has no priorities, and runs its check watchers after the poll's.
+LOWEST_PRIORITY = -2
+
+
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     """Under gevent, wait until the event loop has polled the sockets and served every connection
     with a request ready before this keep-alive connection's next request. A request already
@@ -176,23 +180,19 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     if worker_class == "gevent":
         from gevent import get_hub
 
-        loop = get_hub().loop
+        hub = get_hub()
         # An active idle watcher keeps that poll from blocking when nothing else is due: this
         # connection's next request may be waiting, but its socket is not watched until then.
-        awake = loop.idle()
+        awake = hub.loop.idle()
         awake.start(_nothing)
         try:
-            get_hub().wait(loop.check(priority=LOWEST_PRIORITY))
+            hub.wait(hub.loop.check(priority=LOWEST_PRIORITY))
         finally:
             awake.stop()
 
 
 def _nothing() -> None:
     """An idle watcher's callback: it is there only to keep the loop's poll from blocking."""
-
-
-#: libev's ``EV_MINPRI``; libuv has no priorities, and runs its check watchers after the poll's.
-LOWEST_PRIORITY = -2
 
 
 def _in_background(target: Any, *args: Any) -> None:

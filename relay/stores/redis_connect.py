@@ -121,20 +121,40 @@ class ReadinessParser(_HiredisParser):
                 except socket.timeout:
                     raise redis.TimeoutError("Timeout reading from socket") from None
                 except OSError as error:
-                    raise redis.ConnectionError(f"Error while reading from socket: {error.args}") from None
+                    raise read_failed(error) from None
                 if size == 0:
                     raise redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
                 reader.feed(buffer, 0, size)
                 continue
-            if isinstance(reply, redis.ConnectionError):
-                raise reply
             if push_type is not None and isinstance(reply, push_type):
                 self.handle_push_response(reply)
                 continue
-            if type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
-                raise reply[0]
+            refused = connection_error_in(reply)
+            if refused is not None:
+                raise refused
             replies.append(reply)
         return replies
+
+
+def connection_error_in(reply: Any) -> Optional[redis.ConnectionError]:
+    """The ``redis.ConnectionError`` a reply stands for (``LOADING``, too many clients), which
+    ``read_response`` raises rather than returns; ``None`` for any other reply."""
+    if isinstance(reply, redis.ConnectionError):
+        return reply
+    if type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
+        return reply[0]
+    return None
+
+
+def read_failed(error: OSError) -> redis.ConnectionError:
+    """A failed socket read, as redis-py reports it."""
+    return redis.ConnectionError(f"Error while reading from socket: {error.args}")
+
+
+def write_failed(error: OSError) -> redis.ConnectionError:
+    """A failed socket write, as redis-py reports it."""
+    errno, message = error.args if len(error.args) == 2 else ("UNKNOWN", error.args[0] if error.args else "")
+    return redis.ConnectionError(f"Error {errno} while writing to socket. {message}.")
 
 
 class GeventSocketReads:

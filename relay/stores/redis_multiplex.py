@@ -14,8 +14,9 @@ Writing the buffer when replies come back, not only once per pass of the loop, k
 of a greenlet as quick as on a connection of its own: an agent's results, three round trips each,
 would otherwise fall behind the callbacks (measured: a backlog of seconds after 20 s of load).
 
-It serves a plain gevent socket (TCP or Unix, not TLS) speaking RESP2, called from a greenlet of
-the hub it was made under (``serves_current``). Anything else goes through
+It serves a plain gevent socket (TCP or Unix, not TLS), called from a greenlet of the hub it was
+made under (``serves_current``). redis-py 8 speaks RESP3 unless told otherwise; a push notification,
+which answers no command, goes to the connection's parser as on a connection of one's own. Anything else goes through
 ``relay.stores.redis_pipeline.Connections`` as before, and so do round trips that must have a
 connection to themselves: ``WAIT`` holds its connection until the replicas answer.
 
@@ -42,6 +43,7 @@ import redis
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR
 
+from relay.stores.redis_connect import connection_error_in, read_failed, write_failed
 from relay.stores.redis_pipeline import pack
 
 #: Bytes read from the socket at a time.
@@ -52,11 +54,10 @@ _PLAIN_CONNECTIONS = (redis.Connection, redis.UnixDomainSocketConnection)
 
 def multiplexable(pool: Any) -> bool:
     """Whether ``pool`` makes connections a ``MultiplexedConnection`` can take: plain (not TLS),
-    RESP2, over gevent's sockets (the worker is monkey-patched). Asked once per pool."""
+    over gevent's sockets (the worker is monkey-patched). Asked once per pool."""
     gevent_socket = sys.modules.get("gevent._socket3")
     return (gevent_socket is not None and type(pool) is redis.ConnectionPool
             and pool.connection_class in _PLAIN_CONNECTIONS
-            and pool.connection_kwargs.get("protocol") in (None, 2, "2")
             and getattr(redis.connection.socket, "socket", None) is gevent_socket.socket)
 
 
@@ -81,6 +82,7 @@ class MultiplexedConnection:
         self._timer = self._loop.timer(timeout_s, timeout_s) if timeout_s else None
         self._socket: Any = None
         self._reader: Any = None
+        self._push_type: Any = None
         self._read_watcher: Any = None
         self._write_watcher: Any = None
         self._opening = False
@@ -139,10 +141,9 @@ class MultiplexedConnection:
                 self._loop.run_callback(self._flush)
         replies = waiter.get()
         for reply in replies:
-            if isinstance(reply, redis.ConnectionError):
-                raise reply
-            if type(reply) is list and reply and isinstance(reply[0], redis.ConnectionError):
-                raise reply[0]
+            refused = connection_error_in(reply)
+            if refused is not None:
+                raise refused
         return replies
 
     def close(self) -> None:
@@ -167,6 +168,7 @@ class MultiplexedConnection:
         connection = self._connection
         self._socket = connection._sock._sock
         self._reader = connection._parser._reader
+        self._push_type = getattr(connection._parser, "_hiredis_PushNotificationType", None)
         fileno = self._socket.fileno()
         self._read_watcher = self._loop.io(fileno, _READ)
         self._write_watcher = self._loop.io(fileno, _WRITE)
@@ -210,8 +212,7 @@ class MultiplexedConnection:
         except BlockingIOError:
             sent = 0
         except OSError as error:
-            errno, message = error.args if len(error.args) == 2 else ("UNKNOWN", error.args[0] if error.args else "")
-            self._fail(redis.ConnectionError(f"Error {errno} while writing to socket. {message}."))
+            self._fail(write_failed(error))
             return
         self.writes += 1
         if sent < len(data):
@@ -233,19 +234,18 @@ class MultiplexedConnection:
         except BlockingIOError:
             return
         except OSError as error:
-            self._fail(redis.ConnectionError(f"Error while reading from socket: {error.args}"))
+            self._fail(read_failed(error))
             return
         if size == 0:
             self._fail(redis.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR))
             return
-        reader = self._reader
-        reader.feed(self._buffer, 0, size)
+        self._reader.feed(self._buffer, 0, size)
         owed, partial = self._owed, self._partial
         answered = []
         while owed:
             count, waiter = owed[0]
             while len(partial) < count:
-                reply = reader.gets()
+                reply = self._next_reply()
                 if reply is NOT_ENOUGH_DATA:
                     break
                 partial.append(reply)
@@ -255,7 +255,7 @@ class MultiplexedConnection:
             answered.append((waiter, partial))
             partial = []
         self._partial = partial
-        if not owed and reader.gets() is not NOT_ENOUGH_DATA:
+        if not owed and self._next_reply() is not NOT_ENOUGH_DATA:
             # Out of step: no reply read on this connection can be trusted, those just read included.
             self._fail(redis.ConnectionError("Redis sent a reply nothing was waiting for"),
                        also=[waiter for waiter, _ in answered])
@@ -270,4 +270,15 @@ class MultiplexedConnection:
             waiter.switch(replies)
         if self._queued and self._socket is not None:
             self._flush()  # what the woken greenlets queued, together
+
+    def _next_reply(self) -> Any:
+        """The next reply read, or ``NOT_ENOUGH_DATA``. A RESP3 push notification (a key invalidated
+        for client tracking, a maintenance notice) answers no command: the connection's parser
+        handles it, as ``ReadinessParser.read_replies`` does."""
+        reader, push_type = self._reader, self._push_type
+        while True:
+            reply = reader.gets()
+            if push_type is None or not isinstance(reply, push_type):
+                return reply
+            self._connection._parser.handle_push_response(reply)
 

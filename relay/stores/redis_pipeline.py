@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import redis
 from hiredis import pack_command
 
-from relay.stores.redis_connect import ReadinessParser
+from relay.stores.redis_connect import ReadinessParser, write_failed
 
 if TYPE_CHECKING:
     from relay.stores.redis_multiplex import MultiplexedConnection
@@ -81,8 +81,7 @@ def send(connection: Any, packed: list[bytes]) -> None:
         raise redis.TimeoutError("Timeout writing to socket") from None
     except OSError as error:
         connection.disconnect()
-        errno, message = error.args if len(error.args) == 2 else ("UNKNOWN", error.args[0] if error.args else "")
-        raise redis.ConnectionError(f"Error {errno} while writing to socket. {message}.") from None
+        raise write_failed(error) from None
     except BaseException:
         connection.disconnect()
         raise

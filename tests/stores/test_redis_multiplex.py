@@ -2,12 +2,15 @@
 runs requests. Each test gives redis-py gevent's sockets, as the worker's monkey-patching does."""
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import gevent
 import gevent.socket
+import hiredis
 import pytest
 import redis
 
@@ -67,6 +70,23 @@ def opened(connections: Connections) -> MultiplexedConnection:
     return shared
 
 
+def pings_during(connections: Connections, count: int, begin: Callable[[], None],
+                 end: Callable[[], None]) -> list[type]:
+    """What ``count`` greenlets' ``PING``s raise between ``begin()`` and ``end()`` of a fault."""
+    begin()
+    try:
+        gevent.sleep(0.05)
+        failed = in_greenlets(*[partial(round_trip, connections, ("PING",)) for _ in range(count)])
+    finally:
+        end()
+    return [type(g.exception) for g in failed]
+
+
+def pings_again(connections: Connections) -> bool:
+    (again,) = in_greenlets(partial(round_trip, connections, ("PING",)))
+    return again.value == ["PONG"]
+
+
 def test_the_first_round_trip_goes_out_at_once_and_those_made_meanwhile_together(
         connections: Connections) -> None:
     shared = opened(connections)
@@ -113,14 +133,8 @@ def test_a_write_larger_than_the_socket_takes_is_finished_when_it_is_writable(co
 def test_a_paused_server_times_out_every_waiting_round_trip_and_the_next_reconnects(
         connections: Connections, redis_server: RedisServer) -> None:
     opened(connections)
-    redis_server.pause()
-    try:
-        waiting = in_greenlets(*[partial(round_trip, connections, ("PING",)) for _ in range(5)])
-    finally:
-        redis_server.resume()
-    assert [type(g.exception) for g in waiting] == [redis.TimeoutError] * 5
-    (again,) = in_greenlets(partial(round_trip, connections, ("PING",)))
-    assert again.value == ["PONG"]
+    assert pings_during(connections, 5, redis_server.pause, redis_server.resume) == [redis.TimeoutError] * 5
+    assert pings_again(connections)
 
 
 def test_a_connection_the_server_closes_fails_what_it_owes_and_the_next_reconnects(
@@ -155,6 +169,82 @@ def test_a_reply_nothing_waits_for_closes_the_connection_and_the_next_round_trip
     assert again.value == ["OK", "v"]
 
 
+class LoadingServer:
+    """A stand-in for a redis-server still loading its data: ``GET`` is refused with ``LOADING``,
+    ``PING`` answered, anything else (the connection's handshake) accepted. On a thread of its own."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        reader = hiredis.Reader()
+        with conn:
+            while data := conn.recv(65536):
+                reader.feed(data)
+                answers = []
+                while (command := reader.gets()) is not False:
+                    name = command[0].upper()
+                    answers.append(b"-LOADING Redis is loading the dataset in memory\r\n" if name == b"GET"
+                                   else b"+PONG\r\n" if name == b"PING" else b"+OK\r\n")
+                conn.sendall(b"".join(answers))
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_loading_reply_is_raised_to_its_round_trip_alone(gevent_sockets: None) -> None:
+    """``LOADING`` comes as a reply in its place, so the replies still line up: the round trip it
+    answers raises it, the others get theirs, and the connection stays open."""
+    server = LoadingServer()
+    # RESP2: the stand-in answers no HELLO.
+    client = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=TIMEOUT_S, protocol=2)
+    connections = Connections(client.connection_pool, multiplex=True)
+    try:
+        shared = opened(connections)
+        loading, other = in_greenlets(partial(round_trip, connections, ("GET", "k")),
+                                      partial(round_trip, connections, ("PING",)))
+        assert isinstance(loading.exception, redis.BusyLoadingError)
+        assert other.value == ["PONG"]
+        (again,) = in_greenlets(partial(round_trip, connections, ("PING",)))
+        assert again.value == ["PONG"] and connections.shared_connection is shared and shared._socket is not None
+    finally:
+        connections.close()
+        client.close()
+        server.close()
+
+
+def test_a_connection_that_cannot_be_opened_fails_the_round_trips_queued_for_it(
+        connections: Connections, redis_server: RedisServer) -> None:
+    """The first round trip opens the connection; those made meanwhile wait for it, and fail with it."""
+    opened(connections)
+    # The server's close is noticed first; then every round trip finds the connection to open.
+    assert pings_during(connections, 3, redis_server.stop, redis_server.start) == [redis.ConnectionError] * 3
+    assert pings_again(connections)
+
+
+def test_a_push_notification_between_replies_goes_to_the_parser_and_the_replies_stay_in_step(
+        connections: Connections, redis_server: RedisServer) -> None:
+    """redis-py 8 speaks RESP3: with client tracking on, the server pushes an invalidation when a
+    key this connection read changes. It answers no command, so it is neither a reply nor out of
+    step: the connection stays open."""
+    shared = opened(connections)
+    (tracking,) = in_greenlets(partial(round_trip, connections, ("CLIENT", "SETNAME", "tracking"),
+                                       ("CLIENT", "TRACKING", "ON"), ("GET", "tracked")))
+    assert tracking.value == ["OK", "OK", None]
+    admin = redis_server.client()
+    admin.set("tracked", "changed")  # the server pushes the invalidation now, with nothing owed
+    gevent.sleep(0.1)
+    (read,) = in_greenlets(partial(round_trip, connections, ("GET", "tracked"), ("PING",)))
+    assert read.value == ["changed", "PONG"]
+    admin.set("tracked", "again")  # and again, this time right before a round trip's replies
+    (reread,) = in_greenlets(partial(round_trip, connections, ("GET", "tracked")))
+    assert reread.value == ["again"]
+    assert "tracking" in [c["name"] for c in admin.client_list()] and shared._socket is not None
+
+
 def test_a_round_trip_that_must_not_share_takes_a_pooled_connection(connections: Connections) -> None:
     shared = opened(connections)
     carried = shared.round_trips
@@ -177,10 +267,10 @@ def test_nothing_is_shared_with_the_hub_or_another_thread(connections: Connectio
     assert from_thread == [(None, ["PONG"])]
 
 
-def test_only_plain_resp2_pools_over_gevent_sockets_are_multiplexed(gevent_sockets: None,
-                                                                     redis_server: RedisServer) -> None:
+def test_only_plain_pools_over_gevent_sockets_are_multiplexed(gevent_sockets: None,
+                                                               redis_server: RedisServer) -> None:
     assert multiplexable(redis.ConnectionPool.from_url(redis_server.url))
-    assert not multiplexable(redis.ConnectionPool.from_url(redis_server.url, protocol=3))
+    assert multiplexable(redis.ConnectionPool.from_url(redis_server.url, protocol=2))
     assert not multiplexable(redis.ConnectionPool.from_url(redis_server.url.replace("redis://", "rediss://")))
     assert not multiplexable(redis.BlockingConnectionPool.from_url(redis_server.url))
 
