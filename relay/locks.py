@@ -15,9 +15,25 @@ import threading
 from typing import Any
 
 
+def gevent_patched() -> bool:
+    """Whether gevent's monkey-patching replaced ``threading`` (gunicorn's gevent worker)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
 def compute_lock() -> Any:
     """A new lock for a section that never yields: the OS thread lock, also under gevent."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return monkey.get_original("_thread", "allocate_lock")()
+    if gevent_patched():
+        return sys.modules["gevent.monkey"].get_original("_thread", "allocate_lock")()
     return threading.Lock()
+
+
+def bounded_semaphore(value: int) -> Any:
+    """``threading.BoundedSemaphore(value)``; under gevent, gevent's own. Patched ``threading``
+    keeps its Python semaphore over gevent's locks: an acquire and release cost 2.7 µs here,
+    against 0.15 µs for gevent's compiled one."""
+    if gevent_patched():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore(value)
+    return threading.BoundedSemaphore(value)

@@ -1,4 +1,5 @@
-"""compute_lock: an OS thread lock, also under gevent's monkey-patching."""
+"""compute_lock: an OS thread lock, also under gevent's monkey-patching; bounded_semaphore: gevent's
+under gevent."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,9 @@ import subprocess
 import sys
 import threading
 
-from relay.locks import compute_lock
+import pytest
+
+from relay.locks import bounded_semaphore, compute_lock
 from tests.support.live_relay import PROJECT_ROOT
 
 
@@ -54,3 +57,39 @@ def test_under_gevent_it_is_the_os_lock_and_greenlets_share_a_memory_store() -> 
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result == {"native": True, "patched": True, "store_native": True, "done": True, "counter": 10000}
+
+
+def test_bounded_semaphore_without_gevent_is_threadings_and_refuses_an_extra_release() -> None:
+    semaphore = bounded_semaphore(1)
+    assert isinstance(semaphore, type(threading.BoundedSemaphore(1)))
+    assert semaphore.acquire(timeout=0.05) and not semaphore.acquire(timeout=0.05)
+    semaphore.release()
+    with pytest.raises(ValueError):
+        semaphore.release()
+
+
+SEMAPHORE_UNDER_GEVENT = """
+from gevent import monkey; monkey.patch_all()
+import json
+import gevent, gevent.lock
+from relay.locks import bounded_semaphore
+
+semaphore = bounded_semaphore(2)
+order = []
+
+def hold(n):
+    with semaphore:
+        order.append(("in", n))
+        gevent.sleep(0.01)
+        order.append(("out", n))
+
+gevent.joinall([gevent.spawn(hold, n) for n in range(3)], timeout=10)
+print(json.dumps({"gevents": isinstance(semaphore, gevent.lock.BoundedSemaphore), "third_waited": order.index(("in", 2)) > order.index(("out", 0))}))
+"""
+
+
+def test_bounded_semaphore_under_gevent_is_gevents_and_makes_the_third_wait() -> None:
+    done = subprocess.run([sys.executable, "-c", SEMAPHORE_UNDER_GEVENT], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"gevents": True, "third_waited": True}

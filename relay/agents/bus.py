@@ -14,9 +14,9 @@ machine's record names the process holding its socket (``holder``, that process'
 * ``forward`` publishes without ``id`` (traces): nobody answers, nobody waits.
 
 The holder sends the frames of one machine one at a time, in the order they arrived, on a small
-thread pool (a slow agent never blocks the listener or other machines). A request that waited in
-the holder's queue for more than half of its sender's wait is answered "not delivered" without being
-sent, so a command is not handed to an agent long after its sender gave up on it.
+thread pool (``relay.agents.lanes``: a slow agent never blocks the listener or other machines). A
+request that waited in the holder's queue for more than half of its sender's wait is answered "not
+delivered" without being sent, so a command is not handed to an agent long after its sender gave up on it.
 
 On a Redis Cluster the same works with sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``), and on a
 Sentinel-managed primary the listener follows the primary; ``relay/agents/bus_link.py`` has how.
@@ -32,14 +32,14 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import redis
 
 from relay.agents.bus_link import HEALTH_CHECK_S, Publisher, open_subscription
+from relay.agents.lanes import SerialLanes
 from relay.agents.sessions import SessionRegistry
 from relay.jsontext import compact_bytes, parse
 from relay.stores.keys import KeySpace
@@ -68,37 +68,6 @@ class _Waiter:
     def resolve(self, ok: bool) -> None:
         self.ok = ok
         self.event.set()
-
-
-class _SerialQueues:
-    """Runs tasks on a pool, one at a time per key, in submission order."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._lock = threading.Lock()
-        self._queues: dict[str, deque[Callable[[], None]]] = {}
-
-    def submit(self, key: str, task: Callable[[], None]) -> None:
-        with self._lock:
-            queue = self._queues.get(key)
-            if queue is not None:
-                queue.append(task)
-                return
-            self._queues[key] = deque([task])
-        self._pool.submit(self._drain, key)
-
-    def _drain(self, key: str) -> None:
-        while True:
-            with self._lock:
-                queue = self._queues[key]
-                if not queue:
-                    del self._queues[key]
-                    return
-                task = queue.popleft()
-            try:
-                task()
-            except Exception as exc:  # noqa: BLE001 - one failed frame must not stop the machine's queue
-                log.error("bus delivery task failed: %s", type(exc).__name__, extra={"event": "bus_task_failed"})
 
 
 class AgentBus:
@@ -134,7 +103,7 @@ class AgentBus:
         self._thread: Optional[threading.Thread] = None
         self._publisher: Optional[Publisher] = None
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._queues: Optional[_SerialQueues] = None
+        self._queues: Optional[SerialLanes] = None
 
     # -- addressing -------------------------------------------------------------------------------
     def channel_of(self, instance_id: str) -> str:
@@ -159,7 +128,7 @@ class AgentBus:
             self._stop.clear()
             self._publisher = Publisher(self._url, self._options(listener=False))
             self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bus-deliver")
-            self._queues = _SerialQueues(self._pool)
+            self._queues = SerialLanes(self._pool.submit, name="bus delivery")
             self._thread = threading.Thread(target=self._listen, name="agent-bus", daemon=True)
             self._thread.start()
         return self._subscribed.wait(wait_s)

@@ -27,6 +27,7 @@ from wsproto.utilities import ProtocolError
 
 from relay.agents.auth import CLOSE_UNAUTHORIZED, AgentAuth
 from relay.agents.frames import AgentServer
+from relay.agents.lanes import SerialLanes, spawn_thread
 from relay.agents.protocol import AgentConnection, AgentEventHandler
 from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
 from relay.ids import valid_id
@@ -54,6 +55,10 @@ class ChannelSettings:
     close_grace_s: float = 2.0
     #: Open agent sockets allowed in this process (each holds a worker thread); ``None``: no limit.
     max_connections: Optional[int] = None
+    #: Results of one socket handled at once, each command's in order (``relay.agents.lanes``).
+    results_at_once: int = 8
+    #: How long a closed socket's results may still run before the handler hears of the disconnect.
+    results_drain_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.ping_interval_s <= 0:
@@ -66,6 +71,8 @@ class ChannelSettings:
             raise ValueError("send_timeout_s must be > 0 and close_grace_s >= 0")
         if self.max_connections is not None and self.max_connections <= 0:
             raise ValueError("max_connections must be > 0")
+        if self.results_at_once < 1 or self.results_drain_s < 0:
+            raise ValueError("results_at_once must be >= 1 and results_drain_s >= 0")
 
 
 class AgentChannel:
@@ -74,6 +81,12 @@ class AgentChannel:
     Before the handler sees them: a hello must carry a valid machine id (``relay.ids``) and, with
     agent authentication on, a valid token, else the socket is closed with 4401; a result must
     carry a valid command id. The token is taken out of the frame and never logged.
+
+    Frames are handled in the order they arrive, on the socket's thread, except results: each goes
+    to a lane of its command (``relay.agents.lanes``), so that results of different commands are
+    handled side by side (at most ``results_at_once``; the reader waits for a free lane beyond
+    that) and those of one command in order. A closing socket's results finish (at most
+    ``results_drain_s``) before the handler hears of the disconnect.
     """
 
     def __init__(
@@ -180,6 +193,7 @@ class AgentChannel:
                  session.remote_addr, extra={"session_id": session.session_id})
         next_ping = time.monotonic() + settings.ping_interval_s
         grace = settings.close_grace_s
+        results = SerialLanes(spawn_thread, name="agent result", limit=settings.results_at_once)
         try:
             while True:
                 deadline = min(next_ping, session.last_activity + settings.idle_timeout_s)
@@ -188,7 +202,7 @@ class AgentChannel:
                     break
                 now = time.monotonic()
                 if message is not None:
-                    self._dispatch(session, message, authorization)
+                    self._dispatch(session, message, results, authorization)
                 elif now - session.last_activity >= settings.idle_timeout_s:
                     log.info("agent socket idle for %.1f s, closing: session %s machine %s",
                              now - session.last_activity, session.session_id, session.machine_id,
@@ -203,12 +217,16 @@ class AgentChannel:
             pass
         finally:
             session.close()
+            if not results.wait_idle(settings.results_drain_s):
+                log.warning("agent socket closed with %d results still being handled: session %s machine %s",
+                            results.running(), session.session_id, session.machine_id, extra=_ids(session))
             self._call(self._handler.on_disconnect, session)
             session.release(grace)
             log.info("agent socket closed: session %s machine %s", session.session_id,
                      session.machine_id, extra=_ids(session))
 
-    def _dispatch(self, session: AgentSession, message: Message, authorization: Optional[str] = None) -> None:
+    def _dispatch(self, session: AgentSession, message: Message, results: SerialLanes,
+                  authorization: Optional[str] = None) -> None:
         frame = _parse_frame(message)
         if frame is None:
             log.warning("invalid ws payload: session %s machine %s", session.session_id,
@@ -220,7 +238,12 @@ class AgentChannel:
         elif kind == "agent.result":
             frame = _checked_result(session, frame)
         route = self._routes.get(kind) if isinstance(kind, str) and frame is not None else None
-        if route is not None:
+        if route is None:
+            return
+        command_id = _command_id(frame) if kind == "agent.result" else None
+        if command_id:
+            results.submit(command_id, lambda: self._call(route, session, frame))
+        else:
             self._call(route, session, frame)
 
     def _admit_hello(self, session: AgentSession, frame: dict[str, Any],
@@ -266,6 +289,8 @@ def register_agent_channel(
     send_timeout_s: float = 10.0,
     close_grace_s: float = 2.0,
     max_connections: Optional[int] = None,
+    results_at_once: int = ChannelSettings.results_at_once,
+    results_drain_s: float = ChannelSettings.results_drain_s,
 ) -> AgentChannel:
     """Add the ``/agent`` route to ``app`` and return its channel (also in
     ``app.extensions["relay.agent_channel"]``)."""
@@ -276,6 +301,8 @@ def register_agent_channel(
         send_timeout_s=send_timeout_s,
         close_grace_s=close_grace_s,
         max_connections=max_connections,
+        results_at_once=results_at_once,
+        results_drain_s=results_drain_s,
     )
     channel = AgentChannel(registry, handler, frame_scope, settings, auth)
     # Werkzeug routes upgrade requests only to rules marked ``websocket``: one rule for them, one
@@ -304,11 +331,17 @@ class _UpgradedResponse(Response):
         return []
 
 
-def _checked_result(session: AgentSession, frame: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """A result frame whose command id, if it is a string, is a valid id; else ``None``."""
+def _command_id(frame: dict[str, Any]) -> Optional[str]:
+    """The result frame's command id when it is a non-empty string."""
     result = frame.get("result")
     command_id = result.get("commandId") if isinstance(result, dict) else None
-    if isinstance(command_id, str) and command_id and not valid_id(command_id):
+    return command_id if isinstance(command_id, str) and command_id else None
+
+
+def _checked_result(session: AgentSession, frame: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A result frame whose command id, if it is a string, is a valid id; else ``None``."""
+    command_id = _command_id(frame)
+    if command_id is not None and not valid_id(command_id):
         log.warning("agent result with an invalid commandId ignored: session %s machine %s", session.session_id,
                     session.machine_id, extra={"event": "agent_result_invalid", **_ids(session)})
         return None

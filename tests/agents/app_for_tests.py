@@ -4,7 +4,7 @@
 (the real lifecycle lives in ``relay.lifecycle``); test-only routes under ``/_test`` expose what it
 saw and let a test send frames. Channel settings come from the environment:
 ``AGENT_TEST_PING_S``, ``AGENT_TEST_IDLE_S``, ``AGENT_TEST_MAX_BYTES``, ``AGENT_TEST_CLOSE_GRACE_S``,
-``AGENT_TEST_MAX_CONNECTIONS``.
+``AGENT_TEST_MAX_CONNECTIONS``, ``AGENT_TEST_RESULTS_AT_ONCE``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def _iso_now() -> str:
 class RecordingHandler:
     """Registers hellos like the lifecycle does and records every call with the scope it ran in.
 
-    A frame carrying ``"explode": true`` makes the handler raise after recording it.
+    A frame carrying ``"explode": true`` makes the handler raise after recording it. A result
+    carrying ``"gate": <name>`` is recorded as ``result_waiting``, then waits (at most 10 s) until
+    ``/_test/gates/<name>/open`` is posted, and is recorded as ``result``.
     """
 
     def __init__(self, registry: SessionRegistry) -> None:
@@ -39,6 +41,11 @@ class RecordingHandler:
         self.connections: dict[str, AgentConnection] = {}
         self._lock = threading.Lock()
         self._scope = threading.local()
+        self._gates: dict[str, threading.Event] = {}
+
+    def gate(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(name, threading.Event())
 
     @contextmanager
     def scope(self) -> Iterator[None]:
@@ -75,6 +82,10 @@ class RecordingHandler:
         self._record("heartbeat", conn, frame)
 
     def on_result(self, conn: AgentConnection, frame: dict[str, Any]) -> None:
+        gate = frame.get("gate")
+        if isinstance(gate, str):
+            self._record("result_waiting", conn, frame)
+            self.gate(gate).wait(10)
         self._record("result", conn, frame)
 
     def on_disconnect(self, conn: AgentConnection) -> None:
@@ -93,6 +104,7 @@ def create_app() -> Flask:
     registry = SessionRegistry()
     handler = RecordingHandler(registry)
     max_connections = os.environ.get("AGENT_TEST_MAX_CONNECTIONS")
+    results_at_once = os.environ.get("AGENT_TEST_RESULTS_AT_ONCE")
     channel = register_agent_channel(
         app,
         registry,
@@ -103,6 +115,7 @@ def create_app() -> Flask:
         max_message_bytes=int(_env_float("AGENT_TEST_MAX_BYTES", 1024 * 1024)),
         close_grace_s=_env_float("AGENT_TEST_CLOSE_GRACE_S", 2.0),
         max_connections=int(max_connections) if max_connections else None,
+        **({"results_at_once": int(results_at_once)} if results_at_once else {}),
     )
 
     @app.get("/healthz")
@@ -121,6 +134,11 @@ def create_app() -> Flask:
             count=registry.count(),
             open=channel.open_count(),
         )
+
+    @app.post("/_test/gates/<name>/open")
+    def open_gate(name: str) -> Any:
+        handler.gate(name).set()
+        return jsonify(opened=name)
 
     @app.post("/_test/machines/<machine_id>/send")
     def send_to_machine(machine_id: str) -> Any:

@@ -227,6 +227,111 @@ def test_a_handler_exception_is_logged_and_the_socket_stays_open(relay: LiveRela
     ws.close()
 
 
+def connected(relay: LiveRelay) -> tuple[websocket.WebSocket, str, str]:
+    """A new agent socket that said hello: the socket, its machine id and its session id."""
+    machine_id = machine()
+    ws = connect(relay)
+    hello(ws, machine_id)
+    return ws, machine_id, session_of(relay, machine_id)
+
+
+def result(command_id: str, summary: str, gate: Optional[str] = None) -> str:
+    frame: dict[str, Any] = {"type": "agent.result", "result": {"commandId": command_id, "summary": summary}}
+    if gate is not None:
+        frame["gate"] = gate
+    return json.dumps(frame)
+
+
+def open_gate(relay: LiveRelay, name: str) -> None:
+    requests.post(relay.url(f"/_test/gates/{name}/open"), timeout=5).raise_for_status()
+
+
+def handled(seen: list[Event], kind: str = "result") -> list[str]:
+    return [e["frame"]["result"]["summary"] for e in seen if e["event"] == kind]
+
+
+def test_results_of_different_commands_are_handled_side_by_side(relay: LiveRelay) -> None:
+    assert_results_side_by_side(relay)
+
+
+def test_results_are_handled_side_by_side_on_gthread_workers_too() -> None:
+    with live_relay(TEST_APP, env={"RELAY_WORKER_CLASS": "gthread"}) as threaded:
+        assert_results_side_by_side(threaded)
+
+
+def assert_results_side_by_side(relay: LiveRelay) -> None:
+    ws, machine_id, session_id = connected(relay)
+    gate = uuid.uuid4().hex
+
+    ws.send(result("c1", "slow", gate))
+    ws.send(result("c2", "quick"))
+    ws.send(json.dumps({"type": "agent.heartbeat", "machineId": machine_id}))
+    seen = of_session(wait_for(relay, lambda s: len(of_session(s, session_id)) >= 4), session_id)
+    assert handled(seen, "result_waiting") == ["slow"]
+    assert handled(seen) == ["quick"]
+    assert [e["event"] for e in seen].count("heartbeat") == 1
+
+    open_gate(relay, gate)
+    seen = of_session(wait_for(relay, lambda s: len(handled(of_session(s, session_id))) >= 2), session_id)
+    assert handled(seen) == ["quick", "slow"]
+    assert all(e["in_scope"] for e in seen)
+    ws.close()
+
+
+def test_results_of_one_command_are_handled_in_the_order_they_came(relay: LiveRelay) -> None:
+    ws, _, session_id = connected(relay)
+    gate = uuid.uuid4().hex
+
+    ws.send(result("c1", "progress", gate))
+    ws.send(result("c1", "final"))
+    ws.send(result("c2", "other"))
+    wait_for(relay, lambda s: handled(of_session(s, session_id)) == ["other"])
+    time.sleep(0.3)
+    assert handled(of_session(events(relay), session_id)) == ["other"]
+
+    open_gate(relay, gate)
+    seen = of_session(wait_for(relay, lambda s: len(handled(of_session(s, session_id))) >= 3), session_id)
+    assert handled(seen) == ["other", "progress", "final"]
+    ws.close()
+
+
+def test_the_reader_waits_while_results_at_once_are_running() -> None:
+    with live_relay(TEST_APP, env={"AGENT_TEST_RESULTS_AT_ONCE": "2"}) as limited:
+        ws, machine_id, session_id = connected(limited)
+        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+
+        ws.send(result("c1", "one", first))
+        ws.send(result("c2", "two", second))
+        ws.send(result("c3", "three"))
+        ws.send(json.dumps({"type": "agent.heartbeat", "machineId": machine_id}))
+        wait_for(limited, lambda s: len(handled(of_session(s, session_id), "result_waiting")) >= 2)
+        time.sleep(0.3)
+        seen = of_session(events(limited), session_id)
+        assert handled(seen) == []
+        assert "heartbeat" not in [e["event"] for e in seen]
+
+        open_gate(limited, first)
+        seen = of_session(wait_for(limited, lambda s: any(e["event"] == "heartbeat" for e in s)), session_id)
+        assert handled(seen)[:1] == ["one"] and "three" in handled(seen) and "two" not in handled(seen)
+        open_gate(limited, second)
+        ws.close()
+
+
+def test_a_closed_sockets_results_finish_before_the_disconnect(relay: LiveRelay) -> None:
+    ws, _, session_id = connected(relay)
+    gate = uuid.uuid4().hex
+
+    ws.send(result("c1", "last words", gate))
+    wait_for(relay, lambda s: bool(handled(of_session(s, session_id), "result_waiting")))
+    ws.close()
+    time.sleep(0.3)
+    assert not disconnects(events(relay), session_id)
+
+    open_gate(relay, gate)
+    seen = of_session(wait_for(relay, lambda s: bool(disconnects(s, session_id))), session_id)
+    assert [e["event"] for e in seen][-2:] == ["result", "disconnect"]
+
+
 def test_a_message_over_the_size_limit_closes_the_socket_with_1009(relay: LiveRelay) -> None:
     machine_id = machine()
     ws = connect(relay)
