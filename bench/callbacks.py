@@ -2,17 +2,19 @@
 
 The workload is the reference relay's: 32 concurrent keep-alive clients post ``@dev status`` from
 4000 users to 20 machines, each machine held by an agent that answers every command at once
-(``bench.answering_agents``: all 20 on one thread, in a child process). Measured per mode, on one
-relay process (``RELAY_WORKERS=1``) and one redis-server started here:
+(``bench.answering_agents``: all 20 on one thread, in a child process). Each mode has a relay of
+its own (one process, ``RELAY_WORKERS=1``) and its agents, all started first; the load then runs in
+``ROUNDS`` parts per mode, the modes taking turns, so that a drift of the machine's speed weighs
+on every mode alike. Measured per mode:
 
 * ``memory`` (``STORE_PHASE=memory``), ``redis`` (``STORE_PHASE=redis-primary``), and ``outage``
-  (``STORE_PHASE=rampdown``, fallback on, redis-server frozen with SIGSTOP, measured once
+  (``STORE_PHASE=rampdown``, fallback on, its own redis-server frozen with SIGSTOP, measured once
   ``/ops/store`` reports the breaker open);
 * callbacks/s and HTTP latency p50/p95/p99 at concurrency 32;
 * CPU seconds of every relay process (gunicorn master and workers, from ``/proc/<pid>/stat``) and
   of redis-server (``INFO cpu``), and callbacks per CPU-second. CPU is counted until the relay is
-  idle again after the load (``drain_s``), so results the agents send after the last callback
-  are paid for too;
+  idle again after each round (``drain_s``: the longest wait, 0.25 s when nothing was left), so
+  results the agents send after the last callback are paid for too;
 * latency at concurrency 1, and the round trip from callback to audited result (``/commands/<id>``
   polled until the agent's answer is recorded);
 * in Redis mode, Redis commands per callback (``INFO stats``), result handling and heartbeats
@@ -29,7 +31,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +49,11 @@ CONCURRENCY = 32
 WARMUP_CALLBACKS = 400
 MAX_CALLBACKS = 12_000
 MAX_SECONDS = 10.0
+#: Each mode's load runs in this many parts, the modes taking turns (memory, redis, outage, then
+#: redis, outage, memory, ...), each mode on a relay of its own started once. On a shared VM the
+#: speed drifts by 15 % and more within a minute: measured one after another, the modes compared
+#: that drift as much as themselves (the same code's p95 gap read -2.9 to +6.4 ms in four runs).
+ROUNDS = 4
 #: Callbacks one at a time per mode. With 300, the p95 gap between modes read +0.25 to +1.09 ms in
 #: runs of the same code on one machine: the 15th slowest of 300 is mostly chance.
 SEQUENTIAL_CALLBACKS = 1000
@@ -244,49 +251,97 @@ def _round(value: Optional[float], digits: int = 2) -> Optional[float]:
     return None if value is None else round(value, digits)
 
 
-def _run_mode(mode: str, server: RedisServer, workdir: str) -> dict[str, Any]:
-    inspect = server.client() if mode != "memory" else None
-    if inspect is not None:
-        inspect.flushall()
-    result: dict[str, Any] = {"phase": MODES[mode]["STORE_PHASE"]}
+class _Running:
+    """One mode's relay, its agents and what its rounds measured so far."""
+
+    def __init__(self, mode: str, relay: LiveRelay, server: RedisServer) -> None:
+        self.mode = mode
+        self.relay = relay
+        self.server = server
+        #: Asked for redis-server's CPU and command count in Redis mode only.
+        self.inspect = server.client() if mode == "redis" else None
+        self.load = LoadResult()
+        self.relay_cpu = self.redis_cpu = 0.0
+        self.commands = 0
+        #: The longest wait of a round for the relay to be idle (0.25 s: nothing left to do).
+        self.drain_s = 0.0
+        self.result: dict[str, Any] = {"phase": MODES[mode]["STORE_PHASE"]}
+
+
+@contextmanager
+def _started(mode: str, server: RedisServer, workdir: str) -> Iterator[_Running]:
+    """The relay of ``mode`` with its agents attached, warmed up (in outage mode, with its breaker
+    open: ``server`` is then frozen until the end)."""
+    if mode != "memory":
+        flush = server.client()
+        try:
+            flush.flushall()
+        finally:
+            flush.close()
     try:
         with live_relay(env=_env(mode, server, workdir)) as relay, _agents(relay, MACHINES):
-            _load(relay, f"{mode}-warm", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
-            if mode == "outage":
-                result["breaker_open_after_s"] = round(_open_breaker(relay, server), 2)
-                _load(relay, f"{mode}-warm2", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
-            _quiesce(relay)
-            cpu_before, redis_before = _relay_cpu(relay), _redis_cpu(None if mode == "outage" else inspect)
-            commands_before = _redis_commands(None if mode == "outage" else inspect)
-            load = _load(relay, mode, MAX_CALLBACKS, CONCURRENCY, MAX_SECONDS)
-            result["drain_s"] = round(_quiesce(relay), 2)
-            relay_cpu = _relay_cpu(relay) - cpu_before
-            redis_cpu = _redis_cpu(None if mode == "outage" else inspect) - redis_before
-            commands = _redis_commands(None if mode == "outage" else inspect) - commands_before
-            result.update(_summary(load))
-            result["relay_cpu_s"] = round(relay_cpu, 2)
-            result["relay_cpu_per_callback_ms"] = _round(1000 * relay_cpu / load.ok if load.ok else None, 3)
-            result["callbacks_per_relay_cpu_s"] = round(load.ok / relay_cpu, 1) if relay_cpu else None
-            if mode == "redis":
-                result["redis_cpu_s"] = round(redis_cpu, 2)
-                both = relay_cpu + redis_cpu
-                result["callbacks_per_cpu_s_with_redis"] = round(load.ok / both, 1) if both else None
-                result["redis_commands_per_callback"] = round(commands / load.ok, 1) if load.ok else None
-            if mode == "outage":
-                result["breaker"] = (_store_status(relay).get("redis") or {}).get("breaker")
-            sequential = _load(relay, f"{mode}-c1", SEQUENTIAL_CALLBACKS, 1, 20.0)
-            result["c1"] = {"callbacks": sequential.ok,
-                            **{f"p{q}_ms": _round(percentile(sequential.latencies_ms, q)) for q in (50, 95, 99)}}
-            audited = _audited_round_trips(relay, f"{mode}-rt", AUDITED_ROUND_TRIPS)
-            result["audited_round_trip"] = {"samples": len(audited),
-                                            **{f"p{q}_ms": _round(percentile(audited, q)) for q in (50, 95)}}
-            if mode == "outage":
-                server.resume()
+            running = _Running(mode, relay, server)
+            try:
+                _load(relay, f"{mode}-warm", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
+                if mode == "outage":
+                    running.result["breaker_open_after_s"] = round(_open_breaker(relay, server), 2)
+                    _load(relay, f"{mode}-warm2", WARMUP_CALLBACKS, CONCURRENCY, 20.0)
+                _quiesce(relay)
+                yield running
+            finally:
+                if running.inspect is not None:
+                    running.inspect.close()
     finally:
         server.resume()
-        if inspect is not None:
-            inspect.close()
+
+
+def _take_turn(running: _Running, number: int) -> None:
+    """One of the mode's ``ROUNDS`` parts of the load, counted until its relay is idle again."""
+    relay, inspect = running.relay, running.inspect
+    cpu_before, redis_before, commands_before = _relay_cpu(relay), _redis_cpu(inspect), _redis_commands(inspect)
+    load = _load(relay, f"{running.mode}-{number}", MAX_CALLBACKS // ROUNDS, CONCURRENCY, MAX_SECONDS / ROUNDS)
+    running.drain_s = max(running.drain_s, _quiesce(relay))
+    running.relay_cpu += _relay_cpu(relay) - cpu_before
+    running.redis_cpu += _redis_cpu(inspect) - redis_before
+    running.commands += _redis_commands(inspect) - commands_before
+    total = running.load
+    total.ok += load.ok
+    total.errors += load.errors
+    total.seconds += load.seconds
+    total.latencies_ms += load.latencies_ms
+    total.error_kinds |= load.error_kinds
+
+
+def _finish(running: _Running) -> dict[str, Any]:
+    """The mode's figures over all its rounds, then its one-at-a-time and audited round trips."""
+    mode, relay, load, result = running.mode, running.relay, running.load, running.result
+    relay_cpu, ok = running.relay_cpu, load.ok
+    result.update(_summary(load))
+    result["drain_s"] = round(running.drain_s, 2)
+    result["relay_cpu_s"] = round(relay_cpu, 2)
+    result["relay_cpu_per_callback_ms"] = _round(1000 * relay_cpu / ok if ok else None, 3)
+    result["callbacks_per_relay_cpu_s"] = round(ok / relay_cpu, 1) if relay_cpu else None
+    if mode == "redis":
+        result["redis_cpu_s"] = round(running.redis_cpu, 2)
+        both = relay_cpu + running.redis_cpu
+        result["callbacks_per_cpu_s_with_redis"] = round(ok / both, 1) if both else None
+        result["redis_commands_per_callback"] = round(running.commands / ok, 1) if ok else None
+    if mode == "outage":
+        result["breaker"] = (_store_status(relay).get("redis") or {}).get("breaker")
+    sequential = _load(relay, f"{mode}-c1", SEQUENTIAL_CALLBACKS, 1, 20.0)
+    result["c1"] = {"callbacks": sequential.ok,
+                    **{f"p{q}_ms": _round(percentile(sequential.latencies_ms, q)) for q in (50, 95, 99)}}
+    audited = _audited_round_trips(relay, f"{mode}-rt", AUDITED_ROUND_TRIPS)
+    result["audited_round_trip"] = {"samples": len(audited),
+                                    **{f"p{q}_ms": _round(percentile(audited, q)) for q in (50, 95)}}
     return result
+
+
+def _turns(number: int) -> list[str]:
+    """The order of the modes in round ``number``: each round starts one mode later."""
+    names = list(MODES)
+    shift = number % len(names)
+    return names[shift:] + names[:shift]
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -312,7 +367,8 @@ def _targets(modes: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _print(modes: Mapping[str, dict[str, Any]], targets: Mapping[str, Any]) -> None:
     print(f"{CONCURRENCY} concurrent clients, '{TEXT}' from {USERS} users to {MACHINES} answering agents, "
-          f"one gunicorn worker; up to {MAX_CALLBACKS} callbacks or {MAX_SECONDS:.0f} s per mode")
+          f"one gunicorn worker; up to {MAX_CALLBACKS} callbacks or {MAX_SECONDS:.0f} s per mode, in {ROUNDS} "
+          f"rounds taking turns")
     header = (f"{'mode':<8}{'callbacks':>10}{'err':>5}{'cb/s':>8}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
               f"{'relay CPU s':>12}{'cb/CPU-s':>10}{'c1 p50':>8}{'c1 p95':>8}{'audited p50':>12}{'p95':>7}")
     print(header)
@@ -347,14 +403,21 @@ def _print(modes: Mapping[str, dict[str, Any]], targets: Mapping[str, Any]) -> N
 
 
 def run() -> dict[str, Any]:
-    modes: dict[str, dict[str, Any]] = {}
-    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-callbacks-") as workdir:
-        for mode in MODES:
-            modes[mode] = _run_mode(mode, server, workdir)
+    with ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-callbacks-"))
+        # Outage mode freezes its redis-server for the whole run: Redis mode needs another.
+        servers = {"redis": stack.enter_context(RedisServer()), "outage": stack.enter_context(RedisServer())}
+        servers["memory"] = servers["redis"]
+        running = {mode: stack.enter_context(_started(mode, servers[mode], workdir)) for mode in MODES}
+        for number in range(ROUNDS):
+            for mode in _turns(number):
+                _take_turn(running[mode], number)
+        modes = {mode: _finish(running[mode]) for mode in MODES}
     targets = _targets(modes)
     _print(modes, targets)
     return {"workload": {"users": USERS, "machines": MACHINES, "concurrency": CONCURRENCY, "text": TEXT,
-                         "max_callbacks": MAX_CALLBACKS, "max_seconds": MAX_SECONDS, "relay_workers": 1},
+                         "max_callbacks": MAX_CALLBACKS, "max_seconds": MAX_SECONDS, "rounds": ROUNDS,
+                         "relay_workers": 1},
             "reference": REFERENCE, "modes": modes, "targets": targets}
 
 
