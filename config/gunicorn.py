@@ -41,7 +41,9 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Optional
+
+from gunicorn.http import wsgi as gunicorn_wsgi
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -111,12 +113,14 @@ _raise_open_file_limit(worker_connections + 256)
 
 
 def post_worker_init(worker: Any) -> None:
-    """Read the settings once (``settings_as_attributes``), put what the worker made while starting
+    """Read the settings once (``settings_as_attributes``), write each response's head with its
+    body (``send_heads_with_bodies``), put what the worker made while starting
     out of the garbage collector's way (``freeze_startup_objects``), and on SIGTERM also close the
     agent sockets, so the graceful stop does not wait out ``graceful_timeout`` for connections that
     never end by themselves. Agents see close code 1001 and reconnect (to another instance, during a
     rolling restart)."""
     settings_as_attributes(worker.cfg)
+    send_heads_with_bodies()
     freeze_startup_objects()
     channel = getattr(worker.wsgi, "extensions", {}).get("relay.agent_channel")
     if channel is None:
@@ -142,6 +146,71 @@ def settings_as_attributes(cfg: Any) -> None:
     ``worker_class``) are left to it."""
     own = dir(type(cfg))
     cfg.__dict__.update({name: setting.get() for name, setting in cfg.settings.items() if name not in own})
+
+
+class _Held:
+    """Stands in for the client socket while gunicorn writes a response's head: keeps the bytes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+class OneWriteResponse(gunicorn_wsgi.Response):
+    """gunicorn's response, its head (status line and headers) written with the first body bytes.
+
+    gunicorn sends the head, then each body chunk, each with a ``sendall`` of its own: two ``send``
+    calls for every one-piece body the relay answers with, and two wake-ups of the client. The head
+    is kept until the body's first bytes, or until the response closes without any. Chunked bodies
+    and ``sendfile`` get the head at once, as before."""
+
+    _head: Optional[bytes] = None
+    #: While ``sendfile`` runs: the file's bytes go straight to the socket, after the head.
+    _head_at_once = False
+
+    def send_headers(self) -> None:
+        if self.headers_sent or self.chunked or self._head_at_once:
+            super().send_headers()
+            return
+        sock, self.sock = self.sock, _Held()
+        try:
+            super().send_headers()
+        finally:
+            held, self.sock = self.sock, sock
+        self._head = held.data
+
+    def _emit_body(self, data: bytes) -> None:
+        head, self._head = self._head, None
+        if head is None:
+            super()._emit_body(data)
+        else:
+            self.sock.sendall(head + data)
+
+    def sendfile(self, respiter: Any) -> bool:
+        self._head_at_once = True
+        try:
+            return bool(super().sendfile(respiter))
+        finally:
+            self._head_at_once = False
+
+    def close(self) -> None:
+        if not self.headers_sent:
+            self.send_headers()
+        self._send_head()
+        super().close()
+
+    def _send_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self.sock.sendall(head)
+
+
+def send_heads_with_bodies() -> None:
+    """Make this worker's gunicorn answer with ``OneWriteResponse`` (``wsgi.create`` looks the
+    response class up in its module on every request)."""
+    gunicorn_wsgi.Response = OneWriteResponse
 
 
 def freeze_startup_objects() -> None:

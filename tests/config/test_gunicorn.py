@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Any, Optional
 
 import pytest
 import requests
@@ -92,7 +93,7 @@ def test_the_worker_reads_each_setting_once_as_a_plain_attribute(monkeypatch: py
     assert cfg.worker_class_str == "gevent"  # a property of Config's own, still answered by it
 
 
-def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way() -> None:
+def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way(monkeypatch: pytest.MonkeyPatch) -> None:
     import gc
     from types import SimpleNamespace
 
@@ -100,6 +101,9 @@ def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way() -
 
     from config.gunicorn import post_worker_init
 
+    from gunicorn.http import wsgi
+
+    monkeypatch.setattr(wsgi, "Response", wsgi.Response)
     made_at_startup = {"app": ["extensions"]}
     before = gc.get_freeze_count()
     try:
@@ -112,3 +116,95 @@ def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way() -
         assert any(o is made_later for o in gc.get_objects())
     finally:
         gc.unfreeze()
+
+
+# -- responses in one write -------------------------------------------------------------------------
+class _Sent:
+    """A client socket that keeps what each ``sendall`` (and ``sendfile``) got."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> None:
+        file.seek(offset)
+        self.writes.append(file.read(count))
+
+
+def _respond(response_class: type, method: str, headers: list[tuple[str, str]], body: list[bytes],
+             monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    from types import SimpleNamespace
+
+    from gunicorn import util
+    from gunicorn.config import Config
+
+    monkeypatch.setattr(util, "http_date", lambda *args: "Fri, 27 Nov 2026 00:00:00 GMT")
+    sock = _Sent()
+    request = SimpleNamespace(version=(1, 1), method=method, should_close=lambda: False)
+    response = response_class(request, sock, Config())
+    response.start_response("200 OK", headers)
+    for piece in body:
+        response.write(piece)
+    response.close()
+    return sock.writes
+
+
+@pytest.mark.parametrize("method, headers, body", [
+    ("GET", [("Content-Type", "application/json"), ("Content-Length", "15")], [b'{"status":"ok"}']),
+    ("GET", [("Content-Length", "6")], [b"abc", b"def"]),
+    ("HEAD", [("Content-Length", "15")], [b'{"status":"ok"}']),
+    ("GET", [("Content-Length", "0")], []),
+    ("GET", [("Content-Type", "text/plain")], [b"chunk one", b"chunk two"]),
+])
+def test_a_response_sends_the_same_bytes_as_gunicorns_with_its_head_joined_to_the_body(
+        method: str, headers: list[tuple[str, str]], body: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.gunicorn import OneWriteResponse
+
+    gunicorns = OneWriteResponse.__bases__[0]  # the module's name may point at ours once a worker started
+    theirs = _respond(gunicorns, method, headers, body, monkeypatch)
+    ours = _respond(OneWriteResponse, method, headers, body, monkeypatch)
+
+    assert b"".join(ours) == b"".join(theirs)
+    assert ours[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    if not any(name == "Content-Length" for name, _ in headers):
+        assert ours == theirs  # chunked: the head goes out at once, as gunicorn sends it
+    elif body and method == "GET":
+        assert len(ours) == len(theirs) - 1
+    else:
+        assert len(ours) == len(theirs) == 1
+
+
+def test_a_file_sent_with_sendfile_follows_its_head(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    from gunicorn import util
+    from gunicorn.config import Config
+
+    from config.gunicorn import OneWriteResponse
+
+    monkeypatch.setattr(util, "http_date", lambda *args: "Fri, 27 Nov 2026 00:00:00 GMT")
+    path = tmp_path / "payload.bin"
+    path.write_bytes(b"file bytes")
+    sock = _Sent()
+    request = SimpleNamespace(version=(1, 1), method="GET", should_close=lambda: False)
+    response = OneWriteResponse(request, sock, Config())
+    response.start_response("200 OK", [("Content-Length", "10")])
+    with open(path, "rb") as handle:
+        assert response.sendfile(SimpleNamespace(filelike=handle))
+    response.close()
+
+    assert sock.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and sock.writes[0].endswith(b"\r\n\r\n")
+    assert sock.writes[1:] == [b"file bytes"]
+
+
+
+def test_the_worker_answers_with_one_write_responses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gunicorn.http import wsgi
+
+    from config.gunicorn import OneWriteResponse, send_heads_with_bodies
+
+    monkeypatch.setattr(wsgi, "Response", wsgi.Response)
+    send_heads_with_bodies()
+    assert wsgi.Response is OneWriteResponse
