@@ -225,7 +225,8 @@ def create_app(
 
 def _scope_each_request(app: Flask, router: StoreRouter, sessions: SessionRegistry) -> None:
     """Each request binds one store snapshot and holds its agent frames until it ends: the trace
-    frames then go out with its command, or together at the end, before its deferred writes.
+    frames then go out with its command, or together at the end (under gevent, with the socket's
+    next write if that comes within ``HELD_LINGER_S``: usually the agent's result).
 
     The two scopes are kept in a context variable of this function's own rather than on ``flask.g``,
     whose every read goes through a proxy."""
@@ -234,7 +235,7 @@ def _scope_each_request(app: Flask, router: StoreRouter, sessions: SessionRegist
     @app.before_request
     def begin() -> None:
         request_id.set(f"{random.getrandbits(64):016x}")
-        scope, frames = router.bound(), sessions.holding()
+        scope, frames = router.bound(), sessions.holding(linger=True)
         scope.__enter__()
         entered.set((scope, frames))
         frames.__enter__()

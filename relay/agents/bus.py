@@ -16,7 +16,8 @@ machine's record names the process holding its socket (``holder``, that process'
 The holder sends the frames of one machine one at a time, in the order they arrived, on a small
 thread pool (``relay.agents.lanes``: a slow agent never blocks the listener or other machines). A
 request that waited in the holder's queue for more than half of its sender's wait is answered "not
-delivered" without being sent, so a command is not handed to an agent long after its sender gave up on it.
+delivered" without being sent, so a command is not handed to an agent long after its sender gave up
+on it.
 
 On a Redis Cluster the same works with sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``), and on a
 Sentinel-managed primary the listener follows the primary; ``relay/agents/bus_link.py`` has how.

@@ -26,7 +26,7 @@ from wsproto.utilities import LocalProtocolError
 
 from relay.agents.protocol import AgentConnection
 from relay.jsontext import compact_ascii, compact_bytes
-from relay.locks import compute_lock
+from relay.locks import compute_lock, gevent_patched
 
 log = logging.getLogger("relay.agents")
 
@@ -34,6 +34,9 @@ log = logging.getLogger("relay.agents")
 _holding: ContextVar[Optional[dict[str, "AgentSession"]]] = ContextVar("agent_frames_held", default=None)
 #: Frames received but not yet handled; beyond this the reader stops reading from the socket.
 MAX_BUFFERED_FRAMES = 32
+#: How long frames held by a request (its trace frames after the command) may wait for the socket's
+#: next write under gevent (``SessionRegistry.holding(linger=True)``).
+HELD_LINGER_S = 0.01
 #: RFC 6455: the reason in a close frame is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON_BYTES = 123
 #: A server frame's first two bytes, then a 16-bit or 64-bit payload length (RFC 6455, 5.2).
@@ -126,6 +129,9 @@ class TrackedSocket:
         if self._held:
             self.send_locked(b"")
 
+    def has_held(self) -> bool:
+        return bool(self._held)
+
     def drop_held(self) -> None:
         """Forget the held frames."""
         with self._held_lock:
@@ -188,6 +194,13 @@ class AgentSession:
         self._sock = sock
         self._closed = False
         sock.limit_backlog(lambda: len(server.input_buffer))
+        #: The event loop whose timer ends a linger (``flush_held_soon``); ``None`` without gevent.
+        self._loop: Any = None
+        if gevent_patched():
+            import gevent
+
+            self._loop = gevent.get_hub().loop
+        self._linger: Any = None
 
     def __repr__(self) -> str:
         return f"AgentSession({self.session_id}, machine={self.machine_id!r}, closed={self.closed})"
@@ -257,6 +270,27 @@ class AgentSession:
             except OSError as exc:
                 error = exc
         return self._write_failed(error)
+
+    def flush_held_soon(self) -> None:
+        """``flush_held`` after ``HELD_LINGER_S`` under gevent, at once elsewhere. A write to the
+        socket meanwhile takes the held frames along: after a callback's command, the agent's
+        result usually comes back within the linger, and the callback's last traces go out with the
+        result's (one write per callback fewer)."""
+        if self._loop is None:
+            self.flush_held()
+            return
+        if self._linger is None:
+            self._linger = self._loop.timer(HELD_LINGER_S)
+            self._linger.start(self._linger_over)
+
+    def _linger_over(self) -> None:
+        """In the event loop, which must not wait: a greenlet writes what is still held."""
+        timer, self._linger = self._linger, None
+        timer.close()
+        if self._sock.has_held():
+            import gevent
+
+            gevent.spawn_raw(self.flush_held)
 
     def _write_failed(self, error: OSError) -> bool:
         """A failed write aborts the socket (the stream may hold half a frame); always ``False``."""
@@ -361,7 +395,10 @@ class HeldFrames:
     """The context manager ``SessionRegistry.holding`` returns. A class rather than a generator:
     each callback enters two, and a generator-based context manager costs several times as much."""
 
-    __slots__ = ("_held", "_token")
+    __slots__ = ("_held", "_token", "_linger")
+
+    def __init__(self, linger: bool = False) -> None:
+        self._linger = linger
 
     def __enter__(self) -> None:
         self._held: dict[str, AgentSession] = {}
@@ -370,7 +407,10 @@ class HeldFrames:
     def __exit__(self, *exc: object) -> None:
         _holding.reset(self._token)
         for session in self._held.values():
-            session.flush_held()
+            if self._linger:
+                session.flush_held_soon()
+            else:
+                session.flush_held()
 
 
 class SessionRegistry:
@@ -430,13 +470,15 @@ class SessionRegistry:
             return session.hold_json(frame)
         return session.send_json(frame)
 
-    def holding(self) -> HeldFrames:
+    def holding(self, linger: bool = False) -> HeldFrames:
         """Frames sent with ``hold`` inside the block (``with``) wait for the next frame to the same
         socket, or for the end of the block: one write instead of several. A callback's traces then
         go out with its command and once more at the end, instead of in four writes. An inner block
         sends what it held when it ends (each agent frame is one, inside the request that opened the
-        socket)."""
-        return HeldFrames()
+        socket). With ``linger`` (a request's block), what is still held at the end waits up to
+        ``HELD_LINGER_S`` more for the socket's next write under gevent (``flush_held_soon``); the
+        close frame, like any frame, takes held frames along."""
+        return HeldFrames(linger)
 
     def machine_ids(self) -> list[str]:
         with self._lock:

@@ -198,6 +198,79 @@ def test_held_frames_go_out_in_order_with_the_next_frame_and_at_the_end_of_the_b
     assert len(writes) == 3 and [json.loads(t)["n"] for t in agent.texts(1)] == [5]
 
 
+def test_without_gevent_a_lingering_block_writes_what_it_held_when_it_ends(
+    pair: tuple[AgentSession, AgentEnd, Server]
+) -> None:
+    session, agent, server = pair
+    writes: list[bytes] = []
+    server.sock._sock = WriteCounter(server.sock._sock, writes)
+    with SessionRegistry().holding(linger=True):
+        assert session.hold_json({"n": 1})
+        assert writes == []
+    assert len(writes) == 1
+    assert [json.loads(t)["n"] for t in agent.texts(1)] == [1]
+
+
+GEVENT_LINGER = """
+from gevent import monkey; monkey.patch_all()
+import gevent, json
+from relay.agents.sessions import HELD_LINGER_S, SessionRegistry
+from tests.agents.test_sessions import open_pair
+
+class Counted:
+    def __init__(self, sock, writes):
+        self._sock, self._writes = sock, writes
+    def send(self, data, *args):
+        self._writes.append(bytes(data))
+        return self._sock.send(data, *args)
+    def sendall(self, data, *args):
+        self._writes.append(bytes(data))
+        return self._sock.sendall(data, *args)
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+report = {}
+session, agent, server = open_pair()
+writes = []
+server.sock._sock = Counted(server.sock._sock, writes)
+registry = SessionRegistry()
+registry.attach("m1", session)
+reader = gevent.spawn(agent.texts, 4, 10.0)
+with registry.holding(linger=True):
+    registry.send("m1", {"n": 1}, hold=True)
+report["after_block"] = len(writes)
+gevent.sleep(HELD_LINGER_S / 5)
+registry.send("m1", {"n": 2})
+report["with_next"] = len(writes)
+with registry.holding(linger=True):
+    registry.send("m1", {"n": 3}, hold=True)
+gevent.sleep(HELD_LINGER_S * 10)
+report["after_linger"] = len(writes)
+with registry.holding(linger=True):
+    registry.send("m1", {"n": 4}, hold=True)
+session.close("bye")
+report["texts"] = [json.loads(t)["n"] for t in reader.get(timeout=10)]
+report["writes"] = len(writes)
+print(json.dumps(report))
+session.release(0.0)
+agent.sock.close()
+"""
+
+
+def test_under_gevent_a_lingering_block_leaves_its_frames_to_the_next_write_for_a_moment() -> None:
+    """What a request held goes out with the socket's next frame within ``HELD_LINGER_S``, alone
+    once that has passed, and with the close frame when the socket closes first."""
+    done = subprocess.run([sys.executable, "-c", GEVENT_LINGER], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["after_block"] == 0
+    assert report["with_next"] == 1
+    assert report["after_linger"] == 2
+    assert report["texts"] == [1, 2, 3, 4]
+    assert report["writes"] == 3
+
+
 def test_an_inner_block_sends_what_it_held_when_it_ends(pair: tuple[AgentSession, AgentEnd, Server]) -> None:
     session, agent, _ = pair
     registry = SessionRegistry()
