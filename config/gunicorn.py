@@ -40,7 +40,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from typing import Any, Optional
 
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -267,12 +266,9 @@ def _nothing() -> None:
 def _in_background(target: Any, *args: Any) -> None:
     """Run ``target`` off the signal handler: in a greenlet when gevent has patched threading (its
     signal handlers run in the event loop, where starting a thread would block), else in a thread."""
-    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("threading"):
-        import gevent
+    from relay.locks import spawn_thread
 
-        gevent.spawn(target, *args)
-    else:
-        threading.Thread(target=target, args=args, name="agent-shutdown", daemon=True).start()
+    spawn_thread(lambda: target(*args), name="agent-shutdown")
 
 
 def worker_exit(server: Any, worker: Any) -> None:

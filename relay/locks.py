@@ -7,11 +7,15 @@ switch only where one waits, so they never find such a lock taken, while real th
 gthread worker, the tests) do and are serialised by it. A lock held across anything that may yield
 (a socket send, a ``sleep``, another gevent lock) must stay gevent's: a greenlet waiting for an OS
 lock would block every other greenlet, the holder included.
+
+The other helpers pick what works best under either worker: ``bounded_semaphore`` (gevent's compiled
+one under gevent) and ``spawn_thread`` (a bare greenlet under gevent, a daemon thread elsewhere).
 """
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,6 +30,18 @@ def compute_lock() -> Any:
     if gevent_patched():
         return sys.modules["gevent.monkey"].get_original("_thread", "allocate_lock")()
     return threading.Lock()
+
+
+def spawn_thread(run: Callable[[], Any], name: str = "relay") -> None:
+    """Run ``run`` on a new daemon thread; under gevent's monkey-patching, on a bare greenlet
+    (``gevent.spawn_raw``: a patched ``Thread.start`` also waits until the greenlet has run, and
+    may not be called from the event loop, where signal handlers run)."""
+    if gevent_patched():
+        import gevent
+
+        gevent.spawn_raw(run)
+    else:
+        threading.Thread(target=run, name=name, daemon=True).start()
 
 
 def bounded_semaphore(value: int) -> Any:

@@ -27,11 +27,12 @@ from wsproto.utilities import ProtocolError
 
 from relay.agents.auth import CLOSE_UNAUTHORIZED, AgentAuth
 from relay.agents.frames import AgentServer
-from relay.agents.lanes import SerialLanes, spawn_thread
+from relay.agents.lanes import SerialLanes
 from relay.agents.protocol import AgentConnection, AgentEventHandler
 from relay.agents.sessions import AgentSession, Message, SessionRegistry, TrackedSocket
 from relay.ids import valid_id
 from relay.jsontext import parse_strict
+from relay.locks import spawn_thread
 
 log = logging.getLogger("relay.agents")
 

@@ -13,7 +13,8 @@ Two users:
 * the agent bus (``relay.agents.bus``) sends each machine's frames one at a time on a thread pool.
 
 ``start(run)`` decides where a lane runs: ``ThreadPoolExecutor.submit`` (the bus), or
-``spawn_thread`` (the channel: a thread of its own, under gunicorn's gevent worker a greenlet).
+``relay.locks.spawn_thread`` (the channel: a thread of its own, under gunicorn's gevent worker a
+greenlet).
 """
 from __future__ import annotations
 
@@ -23,22 +24,11 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Optional
 
-from relay.locks import bounded_semaphore, compute_lock, gevent_patched
+from relay.locks import bounded_semaphore, compute_lock
 
 log = logging.getLogger("relay.agents")
 
 Task = Callable[[], None]
-
-
-def spawn_thread(run: Task) -> None:
-    """Run ``run`` on a new daemon thread; under gevent's monkey-patching, on a bare greenlet
-    (``gevent.spawn_raw``: a patched ``Thread.start`` also waits until the greenlet has run)."""
-    if gevent_patched():
-        import gevent
-
-        gevent.spawn_raw(run)
-    else:
-        threading.Thread(target=run, name="lane", daemon=True).start()
 
 
 class SerialLanes:

@@ -26,7 +26,7 @@ from wsproto.utilities import LocalProtocolError
 
 from relay.agents.protocol import AgentConnection
 from relay.jsontext import compact_ascii, compact_bytes
-from relay.locks import compute_lock, gevent_patched
+from relay.locks import compute_lock, gevent_patched, spawn_thread
 
 log = logging.getLogger("relay.agents")
 
@@ -288,9 +288,7 @@ class AgentSession:
         timer, self._linger = self._linger, None
         timer.close()
         if self._sock.has_held():
-            import gevent
-
-            gevent.spawn_raw(self.flush_held)
+            spawn_thread(self.flush_held)
 
     def _write_failed(self, error: OSError) -> bool:
         """A failed write aborts the socket (the stream may hold half a frame); always ``False``."""

@@ -4,7 +4,7 @@
 (the real lifecycle lives in ``relay.lifecycle``); test-only routes under ``/_test`` expose what it
 saw and let a test send frames. Channel settings come from the environment:
 ``AGENT_TEST_PING_S``, ``AGENT_TEST_IDLE_S``, ``AGENT_TEST_MAX_BYTES``, ``AGENT_TEST_CLOSE_GRACE_S``,
-``AGENT_TEST_MAX_CONNECTIONS``, ``AGENT_TEST_RESULTS_AT_ONCE``.
+``AGENT_TEST_MAX_CONNECTIONS``, ``AGENT_TEST_RESULTS_AT_ONCE``, ``AGENT_TEST_RESULTS_DRAIN_S``.
 """
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ def create_app() -> Flask:
     handler = RecordingHandler(registry)
     max_connections = os.environ.get("AGENT_TEST_MAX_CONNECTIONS")
     results_at_once = os.environ.get("AGENT_TEST_RESULTS_AT_ONCE")
+    results_drain_s = os.environ.get("AGENT_TEST_RESULTS_DRAIN_S")
     channel = register_agent_channel(
         app,
         registry,
@@ -116,6 +117,7 @@ def create_app() -> Flask:
         close_grace_s=_env_float("AGENT_TEST_CLOSE_GRACE_S", 2.0),
         max_connections=int(max_connections) if max_connections else None,
         **({"results_at_once": int(results_at_once)} if results_at_once else {}),
+        **({"results_drain_s": float(results_drain_s)} if results_drain_s else {}),
     )
 
     @app.get("/healthz")

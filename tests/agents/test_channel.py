@@ -332,6 +332,20 @@ def test_a_closed_sockets_results_finish_before_the_disconnect(relay: LiveRelay)
     assert [e["event"] for e in seen][-2:] == ["result", "disconnect"]
 
 
+def test_the_disconnect_waits_for_results_at_most_results_drain_s_and_says_so() -> None:
+    with live_relay(TEST_APP, env={"AGENT_TEST_RESULTS_DRAIN_S": "0.3"}) as draining:
+        ws, _, session_id = connected(draining)
+        gate = uuid.uuid4().hex
+        ws.send(result("c1", "stuck", gate))
+        wait_for(draining, lambda s: bool(handled(of_session(s, session_id), "result_waiting")))
+        ws.close()
+
+        seen = of_session(wait_for(draining, lambda s: bool(disconnects(s, session_id))), session_id)
+        assert [e["event"] for e in seen] == ["hello", "result_waiting", "disconnect"]
+        assert f"agent socket closed with 1 results still being handled: session {session_id}" in draining.logs()
+        open_gate(draining, gate)
+
+
 def test_a_message_over_the_size_limit_closes_the_socket_with_1009(relay: LiveRelay) -> None:
     machine_id = machine()
     ws = connect(relay)

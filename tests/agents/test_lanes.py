@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from relay.agents.lanes import SerialLanes, Task, spawn_thread
+from relay.agents.lanes import SerialLanes, Task
+from relay.locks import spawn_thread
 
 WAIT_S = 5.0
 
