@@ -251,13 +251,21 @@ def _round(value: Optional[float], digits: int = 2) -> Optional[float]:
     return None if value is None else round(value, digits)
 
 
+def emptied(server: RedisServer) -> None:
+    """Flush ``server``: a mode's relay starts on an empty Redis (``bench/instructions.py`` too)."""
+    client = server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
 class _Running:
     """One mode's relay, its agents and what its rounds measured so far."""
 
     def __init__(self, mode: str, relay: LiveRelay, server: RedisServer) -> None:
         self.mode = mode
         self.relay = relay
-        self.server = server
         #: Asked for redis-server's CPU and command count in Redis mode only.
         self.inspect = server.client() if mode == "redis" else None
         self.load = LoadResult()
@@ -273,11 +281,7 @@ def _started(mode: str, server: RedisServer, workdir: str) -> Iterator[_Running]
     """The relay of ``mode`` with its agents attached, warmed up (in outage mode, with its breaker
     open: ``server`` is then frozen until the end)."""
     if mode != "memory":
-        flush = server.client()
-        try:
-            flush.flushall()
-        finally:
-            flush.close()
+        emptied(server)
     try:
         with live_relay(env=_env(mode, server, workdir)) as relay, _agents(relay, MACHINES):
             running = _Running(mode, relay, server)

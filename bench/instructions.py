@@ -103,11 +103,7 @@ def _run_mode(mode: str, server: RedisServer, workdir: Path, start_lib: Optional
         env["BENCH_CALLGRIND_START_LIB"] = str(start_lib)
         launcher += ("--instr-atstart=no",)
     if mode != "memory":
-        client = server.client()
-        try:
-            client.flushall()
-        finally:
-            client.close()
+        callbacks.emptied(server)
     with live_relay("bench.callgrind_app:app", env=env, startup_timeout_s=300, launcher=launcher) as relay, \
             callbacks._agents(relay, callbacks.MACHINES):
         (worker,) = relay.worker_pids()
