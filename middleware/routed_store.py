@@ -44,7 +44,7 @@ from middleware.writeback import (
     settle_all,
     undo,
 )
-from relay.stores.base import CounterGuard, Op, Store, StoreError, StoreUnavailable
+from relay.stores.base import Claim, CounterGuard, Op, Store, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -454,6 +454,45 @@ class RoutedStore(Store):
             raise
         if other is not None:
             other.report("incr", None, time.perf_counter() - started)
+        return result
+
+    def compare_and_set_then_claim(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int],
+                                   claim: Claim, other: Optional[Store] = None) -> tuple[bool, bool]:
+        """One call to the authoritative backend when the claimed record's domain is served like this
+        one (as ``guarded_reserve``), else the write and then the claim, each by its own domain's rules."""
+        owner = other if isinstance(other, RoutedStore) and other is not self else None
+        together = owner is None or (owner.batching and self.batching and owner._auth is self._auth
+                                     and owner.fallback_to_memory == self.fallback_to_memory)
+        if not together or not getattr(self._auth, "cross_slot_scripts", True):
+            return super().compare_and_set_then_claim(key, expected, value, ttl_ms, claim, other)
+        served_by: list[Store] = []
+
+        def run(s: Store) -> tuple[bool, bool]:
+            served_by.append(s)
+            return s.compare_and_set_then_claim(key, expected, value, ttl_ms, claim)
+
+        def mirror(s: Store, outcome: tuple[bool, bool]) -> None:
+            written, claimed = outcome
+            if written:
+                s.set(key, value, ttl_ms)
+                s.index_remove(claim.index_key, [claim.member])
+                if claimed:
+                    s.delete(claim.key)
+
+        # Reported as what each domain did: this domain's "compare_and_set" and the claim's
+        # "compare_and_delete"; a write memory served is journalled by each domain for its own keys.
+        started = time.perf_counter()
+        try:
+            result = self._write("compare_and_set", run, mirror,
+                                 keys=[key] if owner is not None else [key, claim.key, claim.index_key])
+        except StoreError as exc:
+            if owner is not None:
+                owner.report("compare_and_delete", exc, time.perf_counter() - started)
+            raise
+        if owner is not None:
+            owner.report("compare_and_delete", None, time.perf_counter() - started)
+            if self._memory is not None and self._memory in served_by:
+                owner._journal_fallback([claim.key, claim.index_key])
         return result
 
     # -- lifecycle --------------------------------------------------------------------------------

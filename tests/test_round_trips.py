@@ -4,7 +4,7 @@ that counts ``send_packed_command``: one call per command or per pipeline).
 The hot path (an accepted ``@dev status`` for a machine whose agent is attached, ``redis-primary``)
 must stay at two round trips: the rate-limit hit with the msgId reservation and the locale and
 machine reads, then the template, audit record and in-flight record written together before the
-command goes to the agent. The agent's result for it takes three. Timings are not asserted anywhere;
+command goes to the agent. The agent's result for it takes two. Timings are not asserted anywhere;
 this count is what a regression breaks.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from tests.lifecycle.conftest import FakeAgent
 from tests.support.redisproc import RedisServer
 
 HOT_PATH_ROUND_TRIPS = 2
-#: An agent's result: the in-flight and audit records read together, the audit record written with the
-#: locale, then the in-flight record claimed with the audit index entry and the in-flight index removal.
-RESULT_ROUND_TRIPS = 3
+#: An agent's result: the in-flight and audit records read together, then the audit record written with
+#: its index entry and the locale, and the in-flight record claimed by the same script.
+RESULT_ROUND_TRIPS = 2
 
 
 class CountingConnection(redis.Connection):
@@ -136,7 +136,7 @@ def test_over_the_rate_limit_takes_one_round_trip_and_reserves_nothing(redis_ser
         limited.relay.close()
 
 
-def test_an_agent_result_takes_three_round_trips_and_reads_each_record_once(relay: Relay) -> None:
+def test_an_agent_result_takes_two_round_trips_and_reads_each_record_once(relay: Relay) -> None:
     """The in-flight and audit records are prefetched together, and the reads that follow take the
     prefetches' answers: two ``GET``s for the result."""
     agent = relay.connect("m1")

@@ -21,7 +21,7 @@ import marshmallow
 from marshmallow import fields
 
 from middleware.routing import StoreProvider
-from relay.stores.domain import Domain
+from relay.stores.domain import Claimable, Domain
 from relay.stores.envelope import EnvelopeSchema, parse_iso_ms
 
 INDEX = "updated"
@@ -105,7 +105,14 @@ class AuditIndex:
 
     def apply(self, event: dict[str, Any]) -> bool:
         """Add ``event`` to its command's record; ``False`` when it was already there."""
-        return self._update(event["commandId"], lambda current: apply_event(current, event, self.max_events))
+        return self._update(event["commandId"], lambda current: apply_event(current, event, self.max_events))[0]
+
+    def apply_then_claim(self, event: dict[str, Any], claimable: Claimable) -> tuple[bool, bool]:
+        """``apply``, and claim ``claimable`` (the in-flight record ``event`` answers) only once the
+        event is recorded: an answer is audited before its command stops being in flight, so a process
+        stopped in between never loses it. Returns ``(added, claimed)``."""
+        return self._update(event["commandId"], lambda current: apply_event(current, event, self.max_events),
+                            claimable)
 
     def apply_all(self, events: list[dict[str, Any]]) -> int:
         """Add the events of one command, in order, with one update (``apply`` each would read and
@@ -151,27 +158,28 @@ class AuditIndex:
                         current = apply_event(current, event, self.max_events) or current
             return apply_event(current, replacement, self.max_events)
 
-        return self._update(opened["commandId"], change)
+        return self._update(opened["commandId"], change)[0]
 
-    def _update(self, command_id: str, change: Callable[[Optional[Record]], Optional[Record]]) -> bool:
-        """Replace the record with ``change(record)`` (retried on a concurrent write) and index it,
-        the index entry with the unit of work's next round trip; ``False`` when ``change`` returned
-        ``None`` (nothing to add)."""
+    def _update(self, command_id: str, change: Callable[[Optional[Record]], Optional[Record]],
+                claimable: Optional[Claimable] = None) -> tuple[bool, bool]:
+        """Replace the record with ``change(record)`` (retried on a concurrent write), index it and
+        claim ``claimable`` once it is written. The index entry is deferred before each write, so
+        it rides with the write's round trip (an attempt that loses the race re-scores an entry
+        the next attempt scores again). Returns whether ``change`` added anything (``False`` when it
+        returned ``None``) and whether the claim succeeded."""
         store = self._store()
-        applied: list[Record] = []
+        added = False
 
-        def tracked(current: Optional[Record]) -> Optional[Record]:
-            applied.clear()
+        def indexed(current: Optional[Record]) -> Optional[Record]:
+            nonlocal added
             new = change(current)
-            if new is not None:
-                applied.append(new)
+            added = new is not None
+            if added:
+                store.index_add_capped(INDEX, {command_id: _score(new)}, self.max_records, defer=True)
             return new
 
-        store.update(command_id, tracked)
-        if not applied:
-            return False
-        store.index_add_capped(INDEX, {command_id: _score(applied[0])}, self.max_records, defer=True)
-        return True
+        _, claimed = store.update_then_claim(command_id, indexed, claimable)
+        return added, claimed
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)

@@ -7,7 +7,7 @@ import marshmallow
 from marshmallow import fields
 
 from middleware.routing import StoreProvider
-from relay.stores.domain import Domain
+from relay.stores.domain import Claimable, Domain
 from relay.stores.envelope import EnvelopeSchema
 
 INDEX = "created"
@@ -47,28 +47,25 @@ class InflightCommands:
     def claim(self, command_id: str) -> Optional[dict[str, Any]]:
         """Remove and return the record; ``None`` when absent or claimed by someone else first. The
         index entry goes after the claim, so a claim that fails leaves the command to the sweep."""
-        return self._claim(command_id, unindex_first=False)
-
-    def claim_answered(self, command_id: str) -> Optional[dict[str, Any]]:
-        """``claim`` for a command whose answer is audited already.
-
-        The index entry only lets the timeout sweep find the command, and the sweep would release an
-        answered one without a word, so the entry goes first, with the claim's own round trip (one
-        round trip less per result). A claim that then fails leaves the record to expire with its
-        TTL: ``get`` still finds it until then, and a second answer can still claim it."""
-        return self._claim(command_id, unindex_first=True)
-
-    def _claim(self, command_id: str, unindex_first: bool) -> Optional[dict[str, Any]]:
         store = self._store()
         entry = store.get_entry(command_id)
         if entry is None:
             return None
-        if unindex_first:
-            store.index_remove(INDEX, [command_id], defer=True)
         claimed = store.delete_if(command_id, entry)
-        if not unindex_first:
-            store.index_remove(INDEX, [command_id], defer=True)
+        store.index_remove(INDEX, [command_id], defer=True)
         return entry.data if claimed else None
+
+    def answered(self, command_id: str) -> Optional[Claimable]:
+        """The record of a command whose answer is being audited, to be claimed by that audit write
+        (``AuditIndex.apply_then_claim``); ``None`` when there is none.
+
+        The claim removes the index entry, then the record while unchanged, and only once the answer
+        is written: one round trip with the audit write where both domains live on one Redis. The
+        index entry only lets the timeout sweep find the command, and the sweep would release an
+        answered one without a word, so it goes even when the record changed meanwhile; such a record
+        is left to expire with its TTL (``get`` still finds it until then, and a second answer can
+        still claim it)."""
+        return self._store().claimable(command_id, INDEX)
 
     def remove(self, command_id: str) -> None:
         store = self._store()

@@ -109,7 +109,8 @@ class AgentEvents:
         domains.audit.prefetch(command_id)
         ctx.trace(machine_id, "agent->relay", "result_received", commandId=command_id, machineId=machine_id,
                   status=status, detail=clip_for_trace(summary, 180))
-        owner = domains.inflight.get(command_id)
+        claimable = domains.inflight.answered(command_id)
+        owner = None if claimable is None else claimable.entry.data
         record = domains.audit.get(command_id)
         if any(known is not None and known.get("machineId") not in (None, machine_id) for known in (owner, record)):
             log.warning("agent result for another machine's command ignored", extra={"event": "agent_result_spoofed"})
@@ -130,11 +131,16 @@ class AgentEvents:
         if locale:
             domains.locale.remember([(owner or {}).get("userId"), (record or {}).get("userId"), notify_user], locale)
 
-        # Audited before the in-flight record is claimed: a process killed in between leaves an answered
-        # command still in flight (the timeout sweep then releases it quietly), never a lost one.
-        ctx.audit.record(ctx.event(command_id, tag, userId=user_id or notify_user, machineId=machine_id, kind=kind,
-                                   summary=summary))
-        owned = owner is not None and domains.inflight.claim_answered(command_id) is not None
+        # Audited before the in-flight record is claimed (in one script where the stores allow): a process
+        # killed in between leaves an answered command still in flight (the timeout sweep then releases it
+        # quietly), never a lost one.
+        event = ctx.event(command_id, tag, userId=user_id or notify_user, machineId=machine_id, kind=kind,
+                          summary=summary)
+        if claimable is None:
+            ctx.audit.record(event)
+            owned = False
+        else:
+            owned = ctx.audit.record_then_claim(event, claimable)
         changed = owned or differs
         if notify_user and changed:
             self.notifier.notify(notify_user, summary, status, command_id=command_id, machine_id=machine_id,

@@ -25,6 +25,7 @@ from relay.locks import compute_lock
 from relay.domains.ratelimit import RateLimiter
 from relay.domains.templates import RetryTemplates
 from relay.stores.base import StoreError
+from relay.stores.domain import Claimable
 from relay.stores.envelope import iso_ms
 
 if TYPE_CHECKING:
@@ -79,6 +80,14 @@ class AuditTrail:
     def record(self, event: dict[str, Any]) -> None:
         if self.index.apply(event):
             self.log([event])
+
+    def record_then_claim(self, event: dict[str, Any], claimable: Claimable) -> bool:
+        """``record`` an agent's answer and claim its in-flight record once it is recorded
+        (``AuditIndex.apply_then_claim``); whether the claim succeeded."""
+        added, claimed = self.index.apply_then_claim(event, claimable)
+        if added:
+            self.log([event])
+        return claimed
 
     def log(self, events: list[dict[str, Any]]) -> None:
         """Append events the index holds already (``record``, ``AuditIndex.open``) to the file.

@@ -86,6 +86,17 @@ class CounterGuard:
     limit: int
 
 
+class Claim(NamedTuple):
+    """A record to claim once another write has succeeded (``Store.compare_and_set_then_claim``):
+    delete ``key`` while it holds exactly ``expected``, and remove ``member`` from the index
+    ``index_key`` (whether or not the record was still there)."""
+
+    key: str
+    expected: str
+    index_key: str
+    member: str
+
+
 class Op(NamedTuple):
     """One ``Store`` call as data: the method ``name`` and its positional ``args``, so calls can be
     queued and sent together (``Store.execute``). A named tuple: a Redis-mode callback builds some
@@ -102,6 +113,9 @@ class Op(NamedTuple):
             return tuple(self.args[0])
         if self.name == "guarded_reserve":
             return (self.args[0].key, self.args[1])
+        if self.name == "compare_and_set_then_claim":
+            claim = self.args[4]
+            return (self.args[0], claim.key, claim.index_key)
         return (self.args[0],)
 
     def run(self, store: "Store") -> Any:
@@ -113,7 +127,7 @@ READ_OPS = frozenset({"get", "mget", "ttl_ms", "index_range", "index_count"})
 #: Calls ``execute`` can send together (locks and introspection always go alone).
 PIPELINE_OPS = READ_OPS | frozenset({"set", "mset", "delete", "set_if_absent", "compare_and_set",
                                      "compare_and_delete", "incr", "index_add", "index_remove", "index_trim",
-                                     "index_add_capped", "guarded_reserve"})
+                                     "index_add_capped", "guarded_reserve", "compare_and_set_then_claim"})
 #: Plain writes whose answer nobody waits for: they may be deferred to a unit of work's next round trip.
 DEFERRABLE_OPS = frozenset({"set", "mset", "delete", "index_add", "index_remove", "index_add_capped"})
 
@@ -259,6 +273,17 @@ class Store(abc.ABC):
         if count > guard.limit:
             return count, False
         return count, self.set_if_absent(key, value, ttl_ms)
+
+    def compare_and_set_then_claim(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int],
+                                   claim: Claim, other: Optional["Store"] = None) -> tuple[bool, bool]:
+        """``compare_and_set``; only when it wrote, ``claim`` (on ``other`` when the claimed record lives
+        in another store). Returns ``(written, claimed)``. A claim never happens without the write, so
+        a process stopped in between leaves the record to claim, never a claim without its write."""
+        if not self.compare_and_set(key, expected, value, ttl_ms):
+            return False, False
+        target = other or self
+        target.index_remove(claim.index_key, [claim.member])
+        return True, target.compare_and_delete(claim.key, claim.expected)
 
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` in order and return their results (one round trip on Redis; not atomic)."""

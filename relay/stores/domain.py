@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from relay.stores.base import CounterGuard, Op, Store
+from relay.stores.base import Claim, CounterGuard, Op, Store
 from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema
 from relay.stores.keys import KeySpace, escape_id
 
@@ -42,6 +42,22 @@ class Hit:
 
     store: "DomainStore"
     guard: CounterGuard
+
+
+@dataclass(frozen=True)
+class Claimable:
+    """A record of one domain as it was read, to claim once a write in another domain has succeeded
+    (``DomainStore.update_then_claim``)."""
+
+    store: "DomainStore"
+    entry: Entry
+    claim: Claim
+
+    def take(self) -> bool:
+        """Claim it now, on its own: its index entry first, then the record while unchanged."""
+        store = self.store.store
+        store.index_remove(self.claim.index_key, [self.claim.member])
+        return store.compare_and_delete(self.claim.key, self.claim.expected)
 
 
 class CasConflict(Exception):
@@ -153,16 +169,44 @@ class DomainStore:
     ) -> Optional[Any]:
         """Optimistic read-change-write: ``change(current)`` returns the new data, or
         ``None`` to leave the record as it is. Retries when another writer won."""
+        return self.update_then_claim(id_, change, None, ttl_ms, attempts)[0]
+
+    def update_then_claim(
+        self,
+        id_: str,
+        change: Callable[[Optional[Any]], Optional[Any]],
+        claimable: Optional[Claimable],
+        ttl_ms: Optional[int] = None,
+        attempts: int = 16,
+    ) -> tuple[Optional[Any], bool]:
+        """``update``, then ``claimable`` claimed, but only once the change is written: in the same
+        call (``Store.compare_and_set_then_claim``, one round trip where both domains live on one
+        Redis), or on its own when ``change`` has nothing to write. Returns the record and whether
+        the claim succeeded (``False`` without ``claimable``)."""
         key = self.key(id_)
         for _ in range(attempts):
             raw = self.store.get(key)
             entry = self.decode(key, raw)
             new = change(None if entry is None else entry.data)
             if new is None:
-                return None if entry is None else entry.data
-            if self.store.compare_and_set(key, raw, self.encode(new), ttl_ms):
-                return new
+                return None if entry is None else entry.data, claimable is not None and claimable.take()
+            if claimable is None:
+                if self.store.compare_and_set(key, raw, self.encode(new), ttl_ms):
+                    return new, False
+                continue
+            written, claimed = self.store.compare_and_set_then_claim(
+                key, raw, self.encode(new), ttl_ms, claimable.claim, claimable.store.store)
+            if written:
+                return new, claimed
         raise CasConflict(f"{self.name}: update of {id_!r} kept losing the race")
+
+    def claimable(self, id_: str, index: str) -> Optional[Claimable]:
+        """The record ``id_`` as it is now, to be claimed after a write elsewhere (deleted while
+        unchanged, and removed from ``index``); ``None`` when there is none."""
+        entry = self.get_entry(id_)
+        if entry is None:
+            return None
+        return Claimable(self, entry, Claim(self.key(id_), entry.raw, self.index_key(index), id_))
 
     def ttl_ms(self, id_: str) -> Optional[int]:
         return self.store.ttl_ms(self.key(id_))

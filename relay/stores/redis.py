@@ -32,13 +32,14 @@ How a call runs:
   domains go through ``execute`` and are followed by ``WAIT`` on the same connection
   (``relay/stores/replication.py``).
 * Atomic helpers are single commands (``SET NX PX``) or Lua scripts, each
-  touching one key, so they are Redis Cluster-safe as they are. Two compound
+  touching one key, so they are Redis Cluster-safe as they are. Three compound
   operations touch more: ``index_add_capped`` deletes the records of trimmed
   members, which share the index's slot in colocated domains (``{domain}`` hash
   tag, ``relay.stores.keys``); ``guarded_reserve`` touches a rate-limit counter and
-  a reservation, which do not share a slot, so it runs as one script only with
-  ``cross_slot_scripts`` (a single server; turn it off for Redis Cluster, and the
-  two steps then take two round trips).
+  a reservation, and ``compare_and_set_then_claim`` an audit record and an in-flight
+  record with its index entry, which do not share a slot, so each runs as one script
+  only with ``cross_slot_scripts`` (a single server; turn it off for Redis Cluster,
+  and the steps then take a round trip each).
 * ``execute`` sends a list of operations in one pipeline (one round trip, no
   ``MULTI``): the unit of work (``middleware.unit_of_work``) uses it to carry
   deferred writes and prefetched reads with the call that needs an answer.
@@ -71,6 +72,7 @@ from middleware.retry import RetryPolicy
 from relay.locks import compute_lock
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
+    Claim,
     CounterGuard,
     Op,
     Store,
@@ -100,20 +102,28 @@ WRITE_REFUSAL_HOLD_S = 5.0
 DataLossListener = Callable[[], None]
 _GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")
 
-# KEYS[1]; ARGV: has_expected ("1"/"0"), expected, value, ttl_ms ("" = none)
-_COMPARE_AND_SET = """
-local current = redis.call('GET', KEYS[1])
-if ARGV[1] == '1' then
-  if current ~= ARGV[2] then return 0 end
-elseif current then
-  return 0
+# compare_and_set(key, has_expected ("1"/"0"), expected, value, ttl_ms ("" = none)): true when written.
+_LUA_COMPARE_AND_SET = """
+local function compare_and_set(key, has_expected, expected, value, ttl_ms)
+  local current = redis.call('GET', key)
+  if has_expected == '1' then
+    if current ~= expected then return false end
+  elseif current then
+    return false
+  end
+  if ttl_ms == '' then
+    redis.call('SET', key, value)
+  else
+    redis.call('SET', key, value, 'PX', ttl_ms)
+  end
+  return true
 end
-if ARGV[4] == '' then
-  redis.call('SET', KEYS[1], ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-end
-return 1
+"""
+
+# KEYS[1]; ARGV: has_expected, expected, value, ttl_ms, as compare_and_set above.
+_COMPARE_AND_SET = _LUA_COMPARE_AND_SET + """
+if compare_and_set(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 1 end
+return 0
 """
 
 # KEYS[1]; ARGV: amount, ttl_ms. The TTL is set only when this call creates the counter.
@@ -182,6 +192,16 @@ if ok then return {count, 1} end
 return {count, 0}
 """
 
+# KEYS: the record written, the record claimed, the claimed one's index; ARGV: has_expected, expected,
+# value, ttl_ms as in _COMPARE_AND_SET, then the claimed record's expected value and its index member.
+# Returns {written, claimed}: nothing is claimed unless the write happened.
+_COMPARE_AND_SET_THEN_CLAIM = _LUA_COMPARE_AND_SET + """
+if not compare_and_set(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return {0, 0} end
+redis.call('ZREM', KEYS[3], ARGV[6])
+if redis.call('GET', KEYS[2]) == ARGV[5] then return {1, redis.call('DEL', KEYS[2])} end
+return {1, 0}
+"""
+
 
 @dataclass(slots=True)
 class _Queued:
@@ -241,6 +261,7 @@ class _Bound:
     delete_if_equal: Script
     extend_lock: Script
     index_trim: Script
+    compare_and_set_then_claim: Script
 
 
 @dataclass(frozen=True)
@@ -509,6 +530,7 @@ class RedisStore(Store):
             delete_if_equal=client.register_script(_DELETE_IF_EQUAL),
             extend_lock=client.register_script(_EXTEND_LOCK),
             index_trim=client.register_script(_INDEX_TRIM),
+            compare_and_set_then_claim=client.register_script(_COMPARE_AND_SET_THEN_CLAIM),
         )
 
     # -- running one operation -----------------------------------------------------------------
@@ -725,6 +747,28 @@ class RedisStore(Store):
         (result,) = self.execute([Op("guarded_reserve", (guard, key, value, ttl_ms))])
         return result
 
+    def compare_and_set_then_claim(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int],
+                                   claim: Claim, other: Optional[Store] = None) -> tuple[bool, bool]:
+        if not self.cross_slot_scripts or other not in (None, self):
+            return super().compare_and_set_then_claim(key, expected, value, ttl_ms, claim, other)
+        op = Op("compare_and_set_then_claim", (key, expected, value, ttl_ms, claim))
+        if self._waits_for(claim.key):
+            return self.execute([op])[0]
+        keys, args = self._then_claim_script_args(key, expected, value, ttl_ms, claim)
+        reply = self._run(lambda b: b.compare_and_set_then_claim(keys=keys, args=args), idempotent=False)
+        return reply[0] == 1, reply[1] == 1
+
+    def _then_claim_script_args(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int],
+                                claim: Claim) -> tuple[list[str], list[Any]]:
+        """``_COMPARE_AND_SET_THEN_CLAIM``'s keys and arguments, checked."""
+        ttl_ms = validate_ttl(ttl_ms)
+        value = validate_value(value, self.max_value_bytes)
+        claimed = validate_value(claim.expected, self.max_value_bytes)
+        if expected is not None and not isinstance(expected, str):
+            raise TypeError(f"expected is a serialized string or None, got {type(expected).__name__}")
+        argv = ["0" if expected is None else "1", expected or "", value, _ttl_arg(ttl_ms), claimed, str(claim.member)]
+        return [key, claim.key, claim.index_key], argv
+
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` in order in one pipeline and return their results. Every argument is checked
         before anything is sent. Retried (as a whole) only when every operation is idempotent; a server
@@ -860,6 +904,10 @@ class RedisStore(Store):
             argv = [_check_amount(guard.amount), _ttl_arg(counter_ttl), guard.limit, value, _ttl_arg(ttl_ms)]
             return _Queued(("EVAL", _GUARDED_RESERVE, 2, guard.key, key, *argv),
                            lambda r: (int(r[0]), r[1] == 1), False)
+        if name == "compare_and_set_then_claim":
+            keys, argv = self._then_claim_script_args(*args)
+            return _Queued(("EVAL", _COMPARE_AND_SET_THEN_CLAIM, 3, *keys, *argv), lambda r: (r[0] == 1, r[1] == 1),
+                           False)
         raise ValueError(f"{name} cannot be pipelined")  # not in PIPELINE_OPS
 
     # -- introspection ---------------------------------------------------------------------------

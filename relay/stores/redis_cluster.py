@@ -10,7 +10,8 @@ What differs from one server:
 * **``execute`` pipelines per node.** Consecutive operations whose keys all lie in one slot and on one
   node go out in one pipeline on that node (a cluster pipeline cannot carry scripts); an operation
   spanning slots runs alone, through the methods above. ``guarded_reserve`` (a rate-limit counter and a
-  reservation in two slots) takes its two steps (``cross_slot_scripts`` is off).
+  reservation in two slots) and ``compare_and_set_then_claim`` (an audit record, then an in-flight
+  record and its index) take their steps one by one (``cross_slot_scripts`` is off).
 * **Listings scan every primary**: redis-py's cluster ``scan_iter`` walks each primary's cursor.
 * **Topology changes are outages, briefly.** ``CLUSTERDOWN``, ``TRYAGAIN``, a slot not covered, or
   redirections a node pipeline cannot follow are handled like connection errors (``StoreUnavailable``,

@@ -11,7 +11,7 @@ are handed back in the order the commands were written, which is the order Redis
 Under load a write carries several round trips and a read answers several.
 
 Writing the buffer when replies come back, not only once per pass of the loop, keeps the round trips
-of a greenlet as quick as on a connection of its own: an agent's results, three round trips each,
+of a greenlet as quick as on a connection of its own: an agent's results, several round trips each,
 would otherwise fall behind the callbacks (measured: a backlog of seconds after 20 s of load).
 
 It serves a plain gevent socket (TCP or Unix, not TLS), called from a greenlet of the hub it was

@@ -14,7 +14,8 @@ keys), and ``settle`` handles a shortfall, when fewer replicas acknowledged in t
   written before the command is sent) are removed again, if still the value written, and
   ``NotReplicated`` (a ``StoreUnavailable``) is raised: the callback is answered 503 before any side
   effect, and WeCom's retry decides again on whichever primary is then in charge;
-* a claimed in-flight record (``compare_and_delete``, by a result or a timeout) ends work that has
+* a claimed in-flight record (``compare_and_delete``, by a result or a timeout, or the claim of
+  ``compare_and_set_then_claim``, by a result audited in the same script) ends work that has
   already happened, so it keeps its result: the shortfall is counted and logged.
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ log = logging.getLogger("relay.stores")
 #: The domains whose writes are waited for when ``REDIS_WAIT_REPLICAS`` is set.
 WAIT_DOMAINS = ("idempotency", "inflight")
 #: The writes followed by ``WAIT`` when their key is covered.
-_WAITED = frozenset({"set", "set_if_absent", "guarded_reserve", "compare_and_delete"})
+_WAITED = frozenset({"set", "set_if_absent", "guarded_reserve", "compare_and_delete", "compare_and_set_then_claim"})
+#: Covered writes that end work already done: a shortfall is counted, not undone.
+_KEPT = frozenset({"compare_and_delete", "compare_and_set_then_claim"})
 
 # KEYS[1]; ARGV[1]: the value this call wrote. Removes it only while it is still that value.
 _UNDO = """
@@ -80,7 +83,10 @@ class ReplicaWait:
     def written_key(self, op: Op) -> Optional[str]:
         """The covered key ``op`` writes, or ``None`` (reads, other writes, keys outside the domains)."""
         if op.name in _WAITED:
-            key = op.args[1] if op.name == "guarded_reserve" else op.args[0]
+            if op.name == "compare_and_set_then_claim":
+                key = op.args[4].key
+            else:
+                key = op.args[1] if op.name == "guarded_reserve" else op.args[0]
             if self.covers(key):
                 return key
         return None
@@ -100,8 +106,8 @@ class ReplicaWait:
             key = self.written_key(op)
             if key is None:
                 continue
-            if op.name == "compare_and_delete":
-                if reply == 1:
+            if op.name in _KEPT:
+                if reply == 1 or op.name == "compare_and_set_then_claim" and reply[1] == 1:
                     kept.append(op.name)
                 continue
             if op.name == "set_if_absent" and not reply or op.name == "guarded_reserve" and reply[1] != 1:

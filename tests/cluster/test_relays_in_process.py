@@ -156,12 +156,14 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     a, b = make_pair()
     agent = a.connect("m1")
     command_id = b.callback("@dev fix", machineId="m1").get_json()["commandId"]
-    inflight = a.relay.agent_events.ctx.domains.inflight
+    index = a.relay.agent_events.ctx.audit.index
 
-    def killed(_command_id: str) -> None:
+    def killed(event: dict[str, Any], _claimable: Any) -> None:
+        # As where the audit write and the claim are two steps (a Redis Cluster: two slots).
+        index.apply(event)
         raise SystemExit("killed between audit and claim")
 
-    monkeypatch.setattr(inflight, "claim_answered", killed)
+    monkeypatch.setattr(index, "apply_then_claim", killed)
     with pytest.raises(SystemExit):
         a.result(agent, command_id, "ok", "finished")
     monkeypatch.undo()

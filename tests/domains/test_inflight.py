@@ -1,4 +1,4 @@
-"""``InflightCommands.claim`` and ``claim_answered``: who owns a result, and what a failed claim leaves."""
+"""``InflightCommands.claim`` and ``answered``: who owns a result, and what a failed claim leaves."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,7 +30,18 @@ def _inflight(backend: MemoryStore) -> InflightCommands:
 
 
 Claim = Callable[[InflightCommands], Callable[[str], Optional[dict[str, Any]]]]
-CLAIMS: dict[str, Claim] = {"claim": lambda c: c.claim, "claim_answered": lambda c: c.claim_answered}
+
+
+def _claim_answered(commands: InflightCommands) -> Callable[[str], Optional[dict[str, Any]]]:
+    """``answered`` claimed on its own (``Claimable.take``), as when the audit write had nothing to add."""
+    def claim(command_id: str) -> Optional[dict[str, Any]]:
+        claimable = commands.answered(command_id)
+        return claimable.entry.data if claimable is not None and claimable.take() else None
+
+    return claim
+
+
+CLAIMS: dict[str, Claim] = {"claim": lambda c: c.claim, "answered": _claim_answered}
 
 
 @pytest.mark.parametrize("claim", CLAIMS.values(), ids=CLAIMS.keys())
@@ -51,8 +62,10 @@ def test_a_claim_that_fails_leaves_the_command_for_the_timeout_sweep() -> None:
 
 def test_a_claim_of_an_answered_command_that_fails_leaves_the_record_to_its_ttl() -> None:
     commands = _inflight(FailingClaims())
+    claimable = commands.answered("c1")
+    assert claimable is not None
     with pytest.raises(StoreUnavailable):
-        commands.claim_answered("c1")
+        claimable.take()
     assert commands.list() == [] and commands.count() == 0
     assert commands.get("c1") == RECORD
     assert commands._store().ttl_ms("c1") is not None

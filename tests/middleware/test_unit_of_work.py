@@ -14,14 +14,16 @@ from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.routing import StoreRouter
 from middleware.unit_of_work import Recorder
-from relay.domains import idempotency, inflight, ratelimit
+from relay.domains import audit, idempotency, inflight, ratelimit
 from relay.stores.base import Op, StoreUnavailable
+from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.support.redisproc import RedisServer
 
-DOMAINS = {d.name: d for d in (idempotency.DOMAIN, inflight.DOMAIN, ratelimit.DOMAIN)}
+DOMAINS = {d.name: d for d in (audit.DOMAIN, idempotency.DOMAIN, inflight.DOMAIN, ratelimit.DOMAIN)}
+KEYS = KeySpace("t", "dev")
 
 
 class Counting(redis.Connection):
@@ -43,7 +45,7 @@ class Rig:
         self.redis = RedisStore(lambda: client, breaker=self.breaker,
                                 socket_timeout_ms=100, connect_timeout_ms=100, op_deadline_ms=300)
         plan = replace(PRESETS[phase], fallback_to_memory=fallback)
-        self.router = StoreRouter(KeySpace("t", "dev"), DOMAINS, {"memory": self.memory, "redis": self.redis},
+        self.router = StoreRouter(KEYS, DOMAINS, {"memory": self.memory, "redis": self.redis},
                                   {name: plan for name in DOMAINS})
 
     def sends(self) -> int:
@@ -218,3 +220,74 @@ def test_the_recorder_returns_each_call_as_an_op_and_makes_each_operation_once()
     record = recorder.__dict__["get"]
     assert recorder.set("k", "v", 5) == Op("set", ("k", "v", 5))
     assert recorder.get("j") == Op("get", ("j",)) and recorder.get is record
+
+
+COMMAND = {"commandId": "c1", "userId": "u", "machineId": "m", "kind": "status", "createdAtMs": 1}
+
+
+def _event(status: str, second: int) -> dict[str, Any]:
+    return {"commandId": "c1", "timestamp": f"2026-01-01T00:00:0{second}.000Z", "status": status}
+
+
+def _answered(current: Any) -> Any:
+    return audit.apply_event(current, _event("agent_ok", 2), 10)
+
+
+def _command_sent(store: Any) -> None:
+    """``c1`` in flight and audited as sent, in ``store`` (a backend) under the rig's keys."""
+    commands = DomainStore(store, KEYS, inflight.DOMAIN)
+    commands.set("c1", COMMAND)
+    commands.index_add(inflight.INDEX, {"c1": 1.0})
+    DomainStore(store, KEYS, audit.DOMAIN).set("c1", audit.apply_event(None, _event("sent_to_agent", 1), 10))
+
+
+def test_an_answer_audited_and_its_command_claimed_take_one_round_trip_after_the_reads(rig: Rig) -> None:
+    _command_sent(rig.redis)
+    with rig.router.bound():
+        records, commands = rig.router.store("audit"), rig.router.store("inflight")
+        before = rig.sends()
+        records.prefetch("c1")
+        claimable = commands.claimable("c1", inflight.INDEX)  # carries both reads
+        assert claimable is not None and claimable.entry.data == COMMAND
+        record, claimed = records.update_then_claim("c1", _answered, claimable)
+        assert claimed and record["status"] == "agent_ok"
+        assert rig.sends() == before + 2
+    assert rig.redis.get("t:dev:{inflight}:c1") is None
+    assert rig.redis.index_range("t:dev:{inflight}:#created") == []
+    assert '"agent_ok"' in (rig.redis.get("t:dev:{audit}:c1") or "")
+
+
+def test_an_answer_that_loses_the_race_claims_nothing_until_its_write_succeeds(rig: Rig) -> None:
+    _command_sent(rig.redis)
+    changes: list[Any] = []
+
+    def answered(current: Any) -> Any:
+        changes.append(current)
+        if len(changes) == 1:
+            # Another writer changes the record between this read and this write.
+            DomainStore(rig.redis, KEYS, audit.DOMAIN).update("c1", lambda r: audit.apply_event(
+                r, _event("result_push_ok", 3), 10))
+            assert rig.redis.get("t:dev:{inflight}:c1") is not None
+        return _answered(current)
+
+    with rig.router.bound():
+        claimable = rig.router.store("inflight").claimable("c1", inflight.INDEX)
+        record, claimed = rig.router.store("audit").update_then_claim("c1", answered, claimable)
+    assert claimed and len(changes) == 2
+    assert [e["status"] for e in record["events"]] == ["sent_to_agent", "result_push_ok", "agent_ok"]
+    assert rig.redis.get("t:dev:{inflight}:c1") is None
+
+
+def test_an_answer_memory_serves_during_an_outage_is_journalled_by_each_domain(redis_server: RedisServer) -> None:
+    rig = Rig(redis_server, fallback=True)
+    try:
+        _command_sent(rig.memory)
+        rig.breaker.open()
+        with rig.router.bound():
+            claimable = rig.router.store("inflight").claimable("c1", inflight.INDEX)
+            _, claimed = rig.router.store("audit").update_then_claim("c1", _answered, claimable)
+        assert claimed
+        assert rig.memory.get("t:dev:{inflight}:c1") is None
+        assert rig.router.journal.pending() == {"audit": 1, "inflight": 2}
+    finally:
+        rig.router.close()

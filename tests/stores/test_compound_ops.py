@@ -10,7 +10,7 @@ from marshmallow import fields, validate
 
 from middleware.breaker import GuardedBreaker
 from relay.domains import audit, inflight, locale, machines, templates
-from relay.stores.base import CounterGuard, Op, Store
+from relay.stores.base import Claim, CounterGuard, Op, Store
 from relay.stores.envelope import EnvelopeSchema, quick_check
 from relay.stores.keys import LUA_ESCAPE_ID, MAX_ESCAPED_ID, escape_id
 from relay.stores.memory import MemoryStore
@@ -72,9 +72,12 @@ def test_execute_runs_in_order_and_answers_like_single_calls(store: Store) -> No
         Op("index_count", ("i",)),
         Op("compare_and_set", ("k", "v", "w", None)),
         Op("mget", (["k", "missing"],)),
-        Op("delete", ("k", "c")),
+        Op("compare_and_set_then_claim", ("r", None, "x", None, Claim("k", "w", "i", "m"))),
+        Op("compare_and_set_then_claim", ("r", None, "y", None, Claim("c", "2", "i", "m"))),
+        Op("delete", ("r", "k", "c")),
     ])
-    assert results == [None, "v", False, 2, None, [("m", 1.5)], 1, True, ["w", None], 2]
+    assert results == [None, "v", False, 2, None, [("m", 1.5)], 1, True, ["w", None], (True, True), (False, False),
+                       2]
 
 
 def test_execute_checks_every_argument_before_sending_anything(store: Store) -> None:

@@ -29,7 +29,7 @@ from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
 from middleware.observer import NullObserver
 from middleware.routed_store import RoutedStore
-from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Op, Store, StoreError, StoreUnavailable, ValueTooLarge
+from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Claim, Op, Store, StoreError, StoreUnavailable, ValueTooLarge
 from relay.stores.domain import Domain, DomainStore
 from relay.stores.envelope import EnvelopeSchema
 from relay.stores.keys import MAX_ESCAPED_ID, KeySpace
@@ -338,6 +338,30 @@ def test_compare_and_delete(backend: Backend) -> None:
     assert s.compare_and_delete("k", "v") is True
     assert s.get("k") is None
     assert s.compare_and_delete("k", "v") is False
+
+
+def test_compare_and_set_then_claim_claims_only_after_its_write(backend: Backend) -> None:
+    s = backend.store
+    claim = Claim("claimed", "v", "claimed-index", "m")
+    s.set("claimed", "v")
+    s.index_add("claimed-index", {"m": 1.0, "other": 2.0})
+
+    def members() -> list[str]:
+        return [m for m, _ in s.index_range("claimed-index", newest_first=False)]
+
+    assert s.compare_and_set_then_claim("k", "stale", "one", None, claim) == (False, False)
+    assert s.get("k") is None and s.get("claimed") == "v" and members() == ["m", "other"]
+
+    assert s.compare_and_set_then_claim("k", None, "one", 60_000, claim) == (True, True)
+    assert s.get("k") == "one" and 0 < (s.ttl_ms("k") or 0) <= 60_000
+    assert s.get("claimed") is None and members() == ["other"]
+
+    # The claimed record changed meanwhile: the write stands, the record stays, its index entry goes.
+    s.set("claimed", "changed")
+    s.index_add("claimed-index", {"m": 3.0})
+    assert s.compare_and_set_then_claim("k", "one", "two", None, claim) == (True, False)
+    assert s.get("k") == "two" and s.ttl_ms("k") is None
+    assert s.get("claimed") == "changed" and members() == ["other"]
 
 
 # -- locks ------------------------------------------------------------------------------------------

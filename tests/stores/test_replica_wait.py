@@ -11,7 +11,7 @@ import pytest
 
 from config.settings import load_settings
 from middleware.breaker import GuardedBreaker
-from relay.stores.base import CounterGuard, Op, StoreUnavailable
+from relay.stores.base import Claim, CounterGuard, Op, StoreUnavailable
 from relay.stores.factory import build_redis_store
 from relay.stores.keys import KeySpace
 from relay.stores.redis import RedisStore
@@ -79,6 +79,15 @@ def test_an_unreplicated_claim_keeps_its_result_and_is_counted(alone: RedisStore
     redis_server.client().set(INFLIGHT, "record")
     assert alone.compare_and_delete(INFLIGHT, "record") is True
     assert alone.get(INFLIGHT) is None
+    assert alone.replica_wait is not None and alone.replica_wait.shortfalls == 1
+
+
+def test_an_unreplicated_claim_with_its_audit_write_keeps_both_and_is_counted(
+        alone: RedisStore, redis_server: RedisServer) -> None:
+    redis_server.client().set(INFLIGHT, "record")
+    claim = Claim(INFLIGHT, "record", KEYS.index_key("inflight", "created", colocated=True), "cmd-1")
+    assert alone.compare_and_set_then_claim(AUDIT, None, "answered", None, claim) == (True, True)
+    assert alone.get(AUDIT) == "answered" and alone.get(INFLIGHT) is None
     assert alone.replica_wait is not None and alone.replica_wait.shortfalls == 1
 
 
