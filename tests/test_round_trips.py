@@ -4,7 +4,8 @@ that counts ``send_packed_command``: one call per command or per pipeline).
 The hot path (an accepted ``@dev status`` for a machine whose agent is attached, ``redis-primary``)
 must stay at two round trips: the rate-limit hit with the msgId reservation and the locale and
 machine reads, then the template, audit record and in-flight record written together before the
-command goes to the agent. The agent's result for it takes two. Timings are not asserted anywhere;
+command goes to the agent. The agent's result for it takes one (two on a process that did not
+dispatch it). Timings are not asserted anywhere;
 this count is what a regression breaks.
 """
 from __future__ import annotations
@@ -28,9 +29,12 @@ from tests.lifecycle.conftest import FakeAgent
 from tests.support.redisproc import RedisServer
 
 HOT_PATH_ROUND_TRIPS = 2
-#: An agent's result: the in-flight and audit records read together, then the audit record written with
-#: its index entry and the locale, and the in-flight record claimed by the same script.
-RESULT_ROUND_TRIPS = 2
+#: An agent's result on the process that dispatched its command: the audit record written over what
+#: that process wrote, with its index entry and the locale, and the in-flight record claimed by the
+#: same script.
+RESULT_ROUND_TRIPS = 1
+#: On a process that did not dispatch it: the in-flight and audit records read together first.
+RESULT_ROUND_TRIPS_FROM_A_READ = 2
 
 
 class CountingConnection(redis.Connection):
@@ -136,21 +140,35 @@ def test_over_the_rate_limit_takes_one_round_trip_and_reserves_nothing(redis_ser
         limited.relay.close()
 
 
-def test_an_agent_result_takes_two_round_trips_and_reads_each_record_once(relay: Relay) -> None:
+def _answer(relay: Relay, agent: FakeAgent, command_id: str) -> tuple[int, int]:
+    """The agent's result for ``command_id``: the round trips and ``GET``s its handling made."""
+    frame = {"type": "agent.result", "result": {"commandId": command_id, "machineId": "m1",
+                                                "status": "ok", "summary": "all good"}}
+    before, gets = CountingConnection.total, CountingConnection.gets
+    with relay.relay.router.bound(fresh=True):
+        relay.relay.agent_events.on_result(agent, frame)
+    counted = CountingConnection.total - before, CountingConnection.gets - gets
+    assert relay.record(command_id)["status"] == "agent_ok"
+    assert command_id not in [item["commandId"] for item in relay.client.get("/inflight").get_json()["items"]]
+    return counted
+
+
+def test_an_agent_result_takes_one_round_trip_and_reads_nothing(relay: Relay) -> None:
+    """The process that dispatched the command writes over the records as it wrote them."""
+    agent = relay.connect("m1")
+    relay.callback()
+    ack, _ = relay.callback()
+    assert _answer(relay, agent, ack["commandId"]) == (RESULT_ROUND_TRIPS, 0)
+
+
+def test_an_agent_result_the_process_did_not_dispatch_reads_each_record_once(relay: Relay) -> None:
     """The in-flight and audit records are prefetched together, and the reads that follow take the
     prefetches' answers: two ``GET``s for the result."""
     agent = relay.connect("m1")
     relay.callback()
     ack, _ = relay.callback()
-    frame = {"type": "agent.result", "result": {"commandId": ack["commandId"], "machineId": "m1",
-                                                "status": "ok", "summary": "all good"}}
-    before, gets = CountingConnection.total, CountingConnection.gets
-    with relay.relay.router.bound(fresh=True):
-        relay.relay.agent_events.on_result(agent, frame)
-    assert CountingConnection.total - before == RESULT_ROUND_TRIPS
-    assert CountingConnection.gets - gets == 2
-    assert relay.record(ack["commandId"])["status"] == "agent_ok"
-    assert ack["commandId"] not in [item["commandId"] for item in relay.client.get("/inflight").get_json()["items"]]
+    relay.relay.agent_events.ctx.dispatched.forget(ack["commandId"])  # as on another process
+    assert _answer(relay, agent, ack["commandId"]) == (RESULT_ROUND_TRIPS_FROM_A_READ, 2)
 
 
 def _startup_round_trips(server: RedisServer, log_dir: Any) -> tuple[Relay, int]:

@@ -22,7 +22,7 @@ from marshmallow import fields
 
 from middleware.routing import StoreProvider
 from relay.stores.domain import Claimable, Domain
-from relay.stores.envelope import EnvelopeSchema, parse_iso_ms
+from relay.stores.envelope import Entry, EnvelopeSchema, parse_iso_ms
 
 INDEX = "updated"
 PAGE = 200
@@ -131,20 +131,35 @@ class AuditIndex:
         self._update(events[0]["commandId"], change)
         return added
 
-    def open(self, events: list[dict[str, Any]], flush: bool = False) -> dict[str, Any]:
+    def open(self, events: list[dict[str, Any]], flush: bool = False) -> Entry:
         """Record the first events of a new command, whose id is fresh (so no record exists yet):
         the record and its index entry are written once, with the unit of work's next round trip
-        (``flush``: now). Returns the record."""
+        (``flush``: now). Returns the record as written."""
         record: Optional[dict[str, Any]] = None
         for event in events:
             record = apply_event(record, event, self.max_events) or record
         assert record is not None, "open() needs at least one event"
         store = self._store()
-        store.defer_set(record["commandId"], record)
+        written = store.defer_set(record["commandId"], record)
         store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True)
         if flush:
             store.flush()
-        return record
+        return written
+
+    def apply_to_known_then_claim(self, event: dict[str, Any], known: Entry,
+                                  claimable: Optional[Claimable]) -> Optional[bool]:
+        """``apply_then_claim`` without reading the record: ``known`` is the record as this process
+        wrote it (``open``) and stands for the read. One attempt: ``None`` when the record is no longer
+        ``known`` (nothing written, nothing claimed: decide again from a read) or already holds the
+        event; else whether the claim succeeded."""
+        command_id = event["commandId"]
+        new = apply_event(known.data, event, self.max_events)
+        if new is None:
+            return None
+        store = self._store()
+        store.index_add_capped(INDEX, {command_id: _score(new)}, self.max_records, defer=True)
+        written, claimed = store.write_then_claim(command_id, known, new, claimable)
+        return claimed if written else None
 
     def retract(self, opened: dict[str, Any], early: dict[str, Any], replacement: dict[str, Any]) -> bool:
         """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a

@@ -8,7 +8,7 @@ from marshmallow import fields
 
 from middleware.routing import StoreProvider
 from relay.stores.domain import Claimable, Domain
-from relay.stores.envelope import EnvelopeSchema
+from relay.stores.envelope import Entry, EnvelopeSchema
 
 INDEX = "created"
 
@@ -29,13 +29,14 @@ class InflightCommands:
         self._store = store
         self.ttl_ms = ttl_ms
 
-    def put(self, record: dict[str, Any]) -> None:
+    def put(self, record: dict[str, Any]) -> Entry:
         """Store the record, and everything the unit of work deferred before it, in one round trip:
-        once this returns, the agent's answer finds the record."""
+        once this returns, the agent's answer finds the record. Returns it as written."""
         store = self._store()
-        store.defer_set(record["commandId"], record, self.ttl_ms)
+        written = store.defer_set(record["commandId"], record, self.ttl_ms)
         store.defer_index_add(INDEX, {record["commandId"]: float(record["createdAtMs"])})
         store.flush()
+        return written
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:
         return self._store().get(command_id)
@@ -55,7 +56,7 @@ class InflightCommands:
         store.index_remove(INDEX, [command_id], defer=True)
         return entry.data if claimed else None
 
-    def answered(self, command_id: str) -> Optional[Claimable]:
+    def answered(self, command_id: str, known: Optional[Entry] = None) -> Optional[Claimable]:
         """The record of a command whose answer is being audited, to be claimed by that audit write
         (``AuditIndex.apply_then_claim``); ``None`` when there is none.
 
@@ -64,8 +65,9 @@ class InflightCommands:
         index entry only lets the timeout sweep find the command, and the sweep would release an
         answered one without a word, so it goes even when the record changed meanwhile; such a record
         is left to expire with its TTL (``get`` still finds it until then, and a second answer can
-        still claim it)."""
-        return self._store().claimable(command_id, INDEX)
+        still claim it). ``known``: the record as this process wrote it (``put``), instead of reading
+        it; a claim of a record changed since fails."""
+        return self._store().claimable(command_id, INDEX, known)
 
     def remove(self, command_id: str) -> None:
         store = self._store()

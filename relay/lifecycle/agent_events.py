@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from relay.agents.protocol import AgentConnection
 from relay.lifecycle.context import LifecycleContext
+from relay.lifecycle.dispatched import Dispatched
 from relay.lifecycle.notify import ResultNotifier
 from relay.messages import clip_for_trace, infer_locale, resolve_machine_notify_user
 
@@ -103,18 +104,40 @@ class AgentEvents:
         self.handle_result(command_id, machine_id, status, summary)
 
     def handle_result(self, command_id: str, machine_id: str, status: str, summary: str) -> None:
+        """Audit the answer, claim the in-flight record and notify the user. When this process
+        dispatched the command it knows both records as it wrote them and writes over them without a
+        read; if either changed since, that write does nothing and the answer is handled again from
+        a read, so every decision below is taken on what the write found."""
         ctx = self.ctx
-        domains = ctx.domains
-        domains.inflight.prefetch(command_id)
-        domains.audit.prefetch(command_id)
+        known = ctx.dispatched.take(command_id)
+        if known is None:
+            ctx.domains.inflight.prefetch(command_id)
+            ctx.domains.audit.prefetch(command_id)
         ctx.trace(machine_id, "agent->relay", "result_received", commandId=command_id, machineId=machine_id,
                   status=status, detail=clip_for_trace(summary, 180))
-        claimable = domains.inflight.answered(command_id)
-        owner = None if claimable is None else claimable.entry.data
-        record = domains.audit.get(command_id)
-        if any(known is not None and known.get("machineId") not in (None, machine_id) for known in (owner, record)):
-            log.warning("agent result for another machine's command ignored", extra={"event": "agent_result_spoofed"})
+        if known is not None and self._settle(command_id, machine_id, status, summary, known):
             return
+        if known is not None:
+            ctx.domains.inflight.prefetch(command_id)
+            ctx.domains.audit.prefetch(command_id)
+        self._settle(command_id, machine_id, status, summary, None)
+
+    def _settle(self, command_id: str, machine_id: str, status: str, summary: str,
+                known: Optional[Dispatched]) -> bool:
+        """``handle_result`` on the records as read, or as ``known``; ``False`` when the known records
+        had changed (nothing was recorded, claimed or sent)."""
+        ctx = self.ctx
+        domains = ctx.domains
+        if known is None:
+            claimable = domains.inflight.answered(command_id)
+            record = domains.audit.get(command_id)
+        else:
+            claimable = domains.inflight.answered(command_id, known.inflight)
+            record = known.audit.data
+        owner = None if claimable is None else claimable.entry.data
+        if any(found is not None and found.get("machineId") not in (None, machine_id) for found in (owner, record)):
+            log.warning("agent result for another machine's command ignored", extra={"event": "agent_result_spoofed"})
+            return True
         tag = "agent_" + status
         differs = (record is None or record.get("summary") != summary or record.get("status") != tag
                    or not record.get("userId"))
@@ -136,7 +159,12 @@ class AgentEvents:
         # quietly), never a lost one.
         event = ctx.event(command_id, tag, userId=user_id or notify_user, machineId=machine_id, kind=kind,
                           summary=summary)
-        if claimable is None:
+        if known is not None:
+            claimed = ctx.audit.record_over_known_then_claim(event, known.audit, claimable)
+            if claimed is None:
+                return False
+            owned = claimed
+        elif claimable is None:
             ctx.audit.record(event)
             owned = False
         else:
@@ -145,3 +173,4 @@ class AgentEvents:
         if notify_user and changed:
             self.notifier.notify(notify_user, summary, status, command_id=command_id, machine_id=machine_id,
                                  kind=notify_kind)
+        return True

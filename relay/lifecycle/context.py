@@ -21,12 +21,13 @@ from relay.domains.inflight import InflightCommands
 from relay.domains.locale import UserLocales
 from relay.domains.machines import MachineRegistry
 from relay.jsontext import compact_bytes
+from relay.lifecycle.dispatched import DispatchedCommands
 from relay.locks import compute_lock
 from relay.domains.ratelimit import RateLimiter
 from relay.domains.templates import RetryTemplates
 from relay.stores.base import StoreError
 from relay.stores.domain import Claimable
-from relay.stores.envelope import iso_ms
+from relay.stores.envelope import Entry, iso_ms
 
 if TYPE_CHECKING:
     from relay.agents.bus import AgentBus
@@ -80,6 +81,16 @@ class AuditTrail:
     def record(self, event: dict[str, Any]) -> None:
         if self.index.apply(event):
             self.log([event])
+
+    def record_over_known_then_claim(self, event: dict[str, Any], known: Entry,
+                                     claimable: Optional[Claimable]) -> Optional[bool]:
+        """``record_then_claim`` over the record as this process wrote it, without reading it
+        (``AuditIndex.apply_to_known_then_claim``): ``None`` when it changed since (nothing recorded
+        or claimed), else whether the claim succeeded."""
+        claimed = self.index.apply_to_known_then_claim(event, known, claimable)
+        if claimed is not None:
+            self.log([event])
+        return claimed
 
     def record_then_claim(self, event: dict[str, Any], claimable: Claimable) -> bool:
         """``record`` an agent's answer and claim its in-flight record once it is recorded
@@ -207,6 +218,8 @@ class LifecycleContext:
     instance_id: str = field(default_factory=new_instance_id)
     #: Delivery to machines held by other processes; ``None`` in a single process without Redis.
     bus: Optional["AgentBus"] = None
+    #: The records of the commands this process dispatched, as written, until their results come.
+    dispatched: DispatchedCommands = field(default_factory=DispatchedCommands)
 
     def now_iso(self) -> str:
         return iso_ms(self.clock())

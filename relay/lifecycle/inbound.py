@@ -145,17 +145,21 @@ class InboundPipeline:
         the process holding the machine. When the socket refuses or the holder does not confirm, the
         command is untracked and its audit record says ``machine_offline`` instead of sent."""
         ctx = self.ctx
+        command_id = command["commandId"]
         opened = ctx.audit.index.open([created, sent])
-        ctx.domains.inflight.put({"commandId": command["commandId"], "userId": command["userId"],
-                                  "machineId": command["machineId"], "kind": command["kind"],
-                                  "createdAtMs": ctx.clock()})
+        tracked = ctx.domains.inflight.put({"commandId": command_id, "userId": command["userId"],
+                                            "machineId": command["machineId"], "kind": command["kind"],
+                                            "createdAtMs": ctx.clock()})
         ctx.audit.log([created])
+        # Before the send: the answer may be handled before ``send`` returns.
+        ctx.dispatched.remember(command_id, opened, tracked)
         if ctx.send(command["machineId"], {"type": "command", "command": command}, record):
             ctx.audit.log([sent])
             return True
-        ctx.domains.inflight.remove(command["commandId"])
-        offline = ctx.event(command["commandId"], "machine_offline", userId=command["userId"],
+        ctx.dispatched.forget(command_id)
+        ctx.domains.inflight.remove(command_id)
+        offline = ctx.event(command_id, "machine_offline", userId=command["userId"],
                             machineId=command["machineId"])
-        if ctx.audit.index.retract(opened, sent, offline):
+        if ctx.audit.index.retract(opened.data, sent, offline):
             ctx.audit.log([offline])
         return False

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from relay.stores.base import Claim, CounterGuard, Op, Store
-from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema
+from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema, iso_ms
 from relay.stores.keys import KeySpace, escape_id
 
 log = logging.getLogger("relay.stores")
@@ -200,12 +200,25 @@ class DomainStore:
                 return new, claimed
         raise CasConflict(f"{self.name}: update of {id_!r} kept losing the race")
 
-    def claimable(self, id_: str, index: str) -> Optional[Claimable]:
-        """The record ``id_`` as it is now, to be claimed after a write elsewhere (deleted while
-        unchanged, and removed from ``index``); ``None`` when there is none."""
-        entry = self.get_entry(id_)
+    def write_then_claim(self, id_: str, expected: Entry, data: Any, claimable: Optional[Claimable],
+                         ttl_ms: Optional[int] = None) -> tuple[bool, bool]:
+        """Replace the record with ``data`` only while it is still ``expected`` (an entry this process
+        wrote or read earlier, standing for a read now), and then claim ``claimable``: one attempt,
+        no read. Returns ``(written, claimed)``; nothing is claimed unless it wrote."""
+        key = self.key(id_)
+        if claimable is None:
+            return self.store.compare_and_set(key, expected.raw, self.encode(data), ttl_ms), False
+        return self.store.compare_and_set_then_claim(key, expected.raw, self.encode(data), ttl_ms, claimable.claim,
+                                                     claimable.store.store)
+
+    def claimable(self, id_: str, index: str, entry: Optional[Entry] = None) -> Optional[Claimable]:
+        """The record ``id_`` as it is now (or as ``entry``, when the caller knows it), to be claimed
+        after a write elsewhere (deleted while unchanged, and removed from ``index``); ``None`` when
+        there is none."""
         if entry is None:
-            return None
+            entry = self.get_entry(id_)
+            if entry is None:
+                return None
         return Claimable(self, entry, Claim(self.key(id_), entry.raw, self.index_key(index), id_))
 
     def ttl_ms(self, id_: str) -> Optional[int]:
@@ -221,9 +234,14 @@ class DomainStore:
         """Reads this unit of work will make: they ride along with its next round trip."""
         self.store.prefetch([self.key(i) for i in ids])
 
-    def defer_set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> None:
-        """``set``, sent with the unit of work's next round trip (at the latest when it ends)."""
-        self.store.defer(Op("set", (self.key(id_), self.encode(data), ttl_ms)))
+    def defer_set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> Entry:
+        """``set``, sent with the unit of work's next round trip (at the latest when it ends); returns
+        the entry as written, which stands for a read of it until someone writes it again
+        (``write_then_claim``)."""
+        now_ms = self._clock()
+        raw = self.domain.schema.encode(data, now_ms)
+        self.store.defer(Op("set", (self.key(id_), raw, ttl_ms)))
+        return Entry(data=data, updated_at=iso_ms(now_ms), raw=raw)
 
     def defer_index_add(self, index: str, members: Mapping[str, float]) -> None:
         """``index_add``, sent with the unit of work's next round trip."""

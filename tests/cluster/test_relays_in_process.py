@@ -176,6 +176,25 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     assert b.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
 
 
+def test_an_answer_another_process_recorded_first_is_decided_again_from_a_read(
+        make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a`` dispatched the command and knows its records as written; ``b`` records the same answer
+    first. ``a``'s write over what it knew finds the record changed, so ``a`` decides again from a
+    read: the answer is recorded already and its command claimed, and the user is not told twice."""
+    a, b = make_pair()
+    agent = a.connect("m1")
+    command_id = a.callback("@dev fix", machineId="m1").get_json()["commandId"]
+    told: dict[str, list[str]] = {"a": [], "b": []}
+    for name, relay in (("a", a), ("b", b)):
+        monkeypatch.setattr(relay.relay.agent_events.notifier, "notify",
+                            lambda user, summary, *args, _name=name, **kwargs: told[_name].append(summary))
+    b.result(b.connect("m1"), command_id, "ok", "finished")
+    a.result(agent, command_id, "ok", "finished")
+    assert told == {"a": [], "b": ["finished"]}
+    assert a.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
+    assert b.client.get("/inflight").get_json() == {"items": []}
+
+
 def test_a_timeout_audited_by_a_leader_that_died_before_claiming_is_finished_by_the_next(
         make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_pair()
