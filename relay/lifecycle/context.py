@@ -275,10 +275,14 @@ class LifecycleContext:
             return record
         return None
 
+    def held_here(self, record: dict[str, Any]) -> bool:
+        """Whether the machine ``record`` (from ``online_record``) describes is held by this process."""
+        holder = record.get("holder")
+        return self.bus is None or not holder or holder == self.instance_id
+
     def send(self, machine_id: str, frame: dict[str, Any], record: dict[str, Any]) -> bool:
         """Send ``frame`` to the machine ``record`` (from ``online_record``) describes: through the bus
         when another process holds it (``True`` once the holder confirms), else on the local socket."""
-        holder = record.get("holder")
-        if self.bus is not None and holder and holder != self.instance_id:
-            return self.bus.deliver(holder, machine_id, frame)
+        if not self.held_here(record):
+            return self.bus.deliver(record["holder"], machine_id, frame)  # type: ignore[union-attr]
         return self.sessions.send(machine_id, frame)

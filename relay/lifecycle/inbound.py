@@ -151,8 +151,10 @@ class InboundPipeline:
                                             "machineId": command["machineId"], "kind": command["kind"],
                                             "createdAtMs": ctx.clock()})
         ctx.audit.log([created])
-        # Before the send: the answer may be handled before ``send`` returns.
-        ctx.dispatched.remember(command_id, opened, tracked)
+        # Before the send: the answer may be handled before ``send`` returns. Only where the agent is
+        # held here: another process holding it handles its answer.
+        if ctx.held_here(record):
+            ctx.dispatched.remember(command_id, opened, tracked)
         if ctx.send(command["machineId"], {"type": "command", "command": command}, record):
             ctx.audit.log([sent])
             return True

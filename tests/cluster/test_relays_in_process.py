@@ -176,6 +176,16 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     assert b.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
 
 
+def test_only_the_process_holding_the_agent_keeps_the_records_it_dispatched(make_pair: MakePair) -> None:
+    """The holder handles the answer, so a command sent through the bus leaves nothing behind."""
+    a, b = make_pair()
+    a.connect("m1")
+    assert b.callback("@dev status", machineId="m1").get_json()["status"] == "sent_to_agent"
+    assert a.callback("@dev status", machineId="m1").get_json()["status"] == "sent_to_agent"
+    assert len(a.relay.agent_events.ctx.dispatched) == 1
+    assert len(b.relay.agent_events.ctx.dispatched) == 0
+
+
 def test_an_answer_another_process_recorded_first_is_decided_again_from_a_read(
         make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
     """``a`` dispatched the command and knows its records as written; ``b`` records the same answer
