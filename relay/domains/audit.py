@@ -21,7 +21,7 @@ import marshmallow
 from marshmallow import fields
 
 from middleware.routing import StoreProvider
-from relay.stores.domain import Claimable, Domain
+from relay.stores.domain import Claimable, Domain, DomainStore
 from relay.stores.envelope import Entry, EnvelopeSchema, parse_iso_ms
 
 INDEX = "updated"
@@ -141,7 +141,7 @@ class AuditIndex:
         assert record is not None, "open() needs at least one event"
         store = self._store()
         written = store.defer_set(record["commandId"], record)
-        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True)
+        self._index_later(store, record)
         if flush:
             store.flush()
         return written
@@ -157,9 +157,13 @@ class AuditIndex:
         if new is None:
             return None
         store = self._store()
-        store.index_add_capped(INDEX, {command_id: _score(new)}, self.max_records, defer=True)
+        self._index_later(store, new)
         written, claimed = store.write_then_claim(command_id, known, new, claimable)
         return claimed if written else None
+
+    def _index_later(self, store: DomainStore, record: Record) -> None:
+        """The record's index entry, sent with the unit of work's next round trip (its write's)."""
+        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True)
 
     def retract(self, opened: dict[str, Any], early: dict[str, Any], replacement: dict[str, Any]) -> bool:
         """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a
@@ -190,7 +194,7 @@ class AuditIndex:
             new = change(current)
             added = new is not None
             if added:
-                store.index_add_capped(INDEX, {command_id: _score(new)}, self.max_records, defer=True)
+                self._index_later(store, new)
             return new
 
         _, claimed = store.update_then_claim(command_id, indexed, claimable)

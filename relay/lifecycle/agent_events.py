@@ -111,16 +111,19 @@ class AgentEvents:
         ctx = self.ctx
         known = ctx.dispatched.take(command_id)
         if known is None:
-            ctx.domains.inflight.prefetch(command_id)
-            ctx.domains.audit.prefetch(command_id)
+            self._prefetch(command_id)  # before the trace, whose lookup of a remote holder carries them
         ctx.trace(machine_id, "agent->relay", "result_received", commandId=command_id, machineId=machine_id,
                   status=status, detail=clip_for_trace(summary, 180))
-        if known is not None and self._settle(command_id, machine_id, status, summary, known):
-            return
         if known is not None:
-            ctx.domains.inflight.prefetch(command_id)
-            ctx.domains.audit.prefetch(command_id)
+            if self._settle(command_id, machine_id, status, summary, known):
+                return
+            self._prefetch(command_id)
         self._settle(command_id, machine_id, status, summary, None)
+
+    def _prefetch(self, command_id: str) -> None:
+        """Both records a result reads, in one round trip."""
+        self.ctx.domains.inflight.prefetch(command_id)
+        self.ctx.domains.audit.prefetch(command_id)
 
     def _settle(self, command_id: str, machine_id: str, status: str, summary: str,
                 known: Optional[Dispatched]) -> bool:

@@ -281,9 +281,13 @@ class Store(abc.ABC):
         a process stopped in between leaves the record to claim, never a claim without its write."""
         if not self.compare_and_set(key, expected, value, ttl_ms):
             return False, False
-        target = other or self
-        target.index_remove(claim.index_key, [claim.member])
-        return True, target.compare_and_delete(claim.key, claim.expected)
+        return True, (other or self).claim(claim)
+
+    def claim(self, claim: Claim) -> bool:
+        """``claim`` on its own: the index entry first, then the record while it holds exactly
+        ``claim.expected``; whether the record was deleted."""
+        self.index_remove(claim.index_key, [claim.member])
+        return self.compare_and_delete(claim.key, claim.expected)
 
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` in order and return their results (one round trip on Redis; not atomic)."""

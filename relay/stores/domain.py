@@ -54,10 +54,8 @@ class Claimable:
     claim: Claim
 
     def take(self) -> bool:
-        """Claim it now, on its own: its index entry first, then the record while unchanged."""
-        store = self.store.store
-        store.index_remove(self.claim.index_key, [self.claim.member])
-        return store.compare_and_delete(self.claim.key, self.claim.expected)
+        """Claim it now, on its own (``Store.claim``)."""
+        return self.store.store.claim(self.claim)
 
 
 class CasConflict(Exception):
@@ -190,12 +188,7 @@ class DomainStore:
             new = change(None if entry is None else entry.data)
             if new is None:
                 return None if entry is None else entry.data, claimable is not None and claimable.take()
-            if claimable is None:
-                if self.store.compare_and_set(key, raw, self.encode(new), ttl_ms):
-                    return new, False
-                continue
-            written, claimed = self.store.compare_and_set_then_claim(
-                key, raw, self.encode(new), ttl_ms, claimable.claim, claimable.store.store)
+            written, claimed = self._compare_and_set_then_claim(key, raw, new, ttl_ms, claimable)
             if written:
                 return new, claimed
         raise CasConflict(f"{self.name}: update of {id_!r} kept losing the race")
@@ -205,10 +198,13 @@ class DomainStore:
         """Replace the record with ``data`` only while it is still ``expected`` (an entry this process
         wrote or read earlier, standing for a read now), and then claim ``claimable``: one attempt,
         no read. Returns ``(written, claimed)``; nothing is claimed unless it wrote."""
-        key = self.key(id_)
+        return self._compare_and_set_then_claim(self.key(id_), expected.raw, data, ttl_ms, claimable)
+
+    def _compare_and_set_then_claim(self, key: str, expected: Optional[str], data: Any, ttl_ms: Optional[int],
+                                    claimable: Optional[Claimable]) -> tuple[bool, bool]:
         if claimable is None:
-            return self.store.compare_and_set(key, expected.raw, self.encode(data), ttl_ms), False
-        return self.store.compare_and_set_then_claim(key, expected.raw, self.encode(data), ttl_ms, claimable.claim,
+            return self.store.compare_and_set(key, expected, self.encode(data), ttl_ms), False
+        return self.store.compare_and_set_then_claim(key, expected, self.encode(data), ttl_ms, claimable.claim,
                                                      claimable.store.store)
 
     def claimable(self, id_: str, index: str, entry: Optional[Entry] = None) -> Optional[Claimable]:
