@@ -46,8 +46,8 @@ class Hit:
 
 @dataclass(frozen=True)
 class Claimable:
-    """A record of one domain as it was read, to claim once a write in another domain has succeeded
-    (``DomainStore.update_then_claim``)."""
+    """A record of one domain as it was read (or as this process wrote it), to claim once a write in
+    another domain has succeeded (``DomainStore.update_then_claim``, ``write_then_claim``)."""
 
     store: "DomainStore"
     entry: Entry

@@ -291,3 +291,31 @@ def test_an_answer_memory_serves_during_an_outage_is_journalled_by_each_domain(r
         assert rig.router.journal.pending() == {"audit": 1, "inflight": 2}
     finally:
         rig.router.close()
+
+
+def test_an_answer_whose_command_is_routed_otherwise_is_written_then_claimed_by_each_domain(
+        redis_server: RedisServer) -> None:
+    """The audit record on Redis, the in-flight record still memory's with Redis mirrored: no
+    single script can do both, so the write goes first and the claim follows by its own domain's
+    rules, mirror included."""
+    rig = Rig(redis_server, fallback=False)
+    plans = {name: PRESETS["redis-primary"] for name in DOMAINS}
+    plans["inflight"] = PRESETS["dual-write"]
+    router = StoreRouter(KEYS, DOMAINS, {"memory": rig.memory, "redis": rig.redis}, plans)
+    try:
+        with router.bound():
+            commands = router.store("inflight")
+            commands.set("c1", COMMAND)
+            commands.index_add(inflight.INDEX, {"c1": 1.0})
+            router.store("audit").set("c1", audit.apply_event(None, _event("sent_to_agent", 1), 10))
+        assert rig.redis.get("t:dev:{inflight}:c1") is not None
+        with router.bound():
+            claimable = router.store("inflight").claimable("c1", inflight.INDEX)
+            record, claimed = router.store("audit").update_then_claim("c1", _answered, claimable)
+        assert claimed and record["status"] == "agent_ok"
+        for backend in (rig.memory, rig.redis):
+            assert backend.get("t:dev:{inflight}:c1") is None
+            assert backend.index_range("t:dev:{inflight}:#created") == []
+        assert '"agent_ok"' in (rig.redis.get("t:dev:{audit}:c1") or "")
+    finally:
+        router.close()
