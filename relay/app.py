@@ -28,6 +28,7 @@ from relay.lifecycle import Lifecycle
 from relay.lifecycle.agent_events import AgentEvents
 from relay.lifecycle.commands import CommandActions
 from relay.lifecycle.context import AuditTrail, Domains, LifecycleContext
+from relay.lifecycle.dispatched import KeptFromSender
 from relay.lifecycle.inbound import InboundPipeline
 from relay.lifecycle.leader import LeaderLease
 from relay.lifecycle.notify import ResultNotifier, ResultPoster, TextPusher
@@ -154,7 +155,8 @@ def create_app(
     ctx = LifecycleContext(settings=settings, domains=domains, sessions=sessions,
                            audit=AuditTrail(domains.audit, settings.audit_log_path), clock=clock, new_id=new_id)
     if settings.redis_url and "redis" in backend_map:
-        ctx.bus = AgentBus(settings.redis_url, keys, ctx.instance_id, sessions)
+        ctx.bus = AgentBus(settings.redis_url, keys, ctx.instance_id, sessions,
+                           listener=KeptFromSender(ctx.dispatched))
     if wecom is None and webhook is None:
         wecom, webhook = _push_clients(settings)
     notifier = ResultNotifier(ctx, router.bound, wecom, webhook)

@@ -4,8 +4,8 @@ that counts ``send_packed_command``: one call per command or per pipeline).
 The hot path (an accepted ``@dev status`` for a machine whose agent is attached, ``redis-primary``)
 must stay at two round trips: the rate-limit hit with the msgId reservation and the locale and
 machine reads, then the template, audit record and in-flight record written together before the
-command goes to the agent. The agent's result for it takes one (two on a process that did not
-dispatch it). Timings are not asserted anywhere;
+command goes to the agent. The agent's result for it takes one on the process holding the agent,
+where the command was dispatched or delivered through the bus (two where its records are not known). Timings are not asserted anywhere;
 this count is what a regression breaks.
 """
 from __future__ import annotations
@@ -169,6 +169,26 @@ def test_an_agent_result_the_process_did_not_dispatch_reads_each_record_once(rel
     ack, _ = relay.callback()
     relay.relay.agent_events.ctx.dispatched.forget(ack["commandId"])  # as on another process
     assert _answer(relay, agent, ack["commandId"]) == (RESULT_ROUND_TRIPS_FROM_A_READ, 2)
+
+
+def test_an_agent_result_takes_one_round_trip_where_its_command_came_through_the_bus(
+        redis_server: RedisServer, tmp_path: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A callback on another process reaches the agent through the bus with the records it wrote,
+    and the process holding the agent writes the answer over them: one round trip, no read."""
+    holder = Relay(redis_server, tmp_path)
+    sender = Relay(redis_server, tmp_path_factory.mktemp("sender"))
+    try:
+        for relay in (holder, sender):
+            assert relay.relay.bus.start(wait_s=5)
+        agent = holder.connect("m1")
+        sender.callback()
+        ack, _ = sender.callback()
+        assert ack["status"] == "sent_to_agent"
+        assert agent.of_type("command")[-1]["command"]["commandId"] == ack["commandId"]
+        assert _answer(holder, agent, ack["commandId"]) == (RESULT_ROUND_TRIPS, 0)
+    finally:
+        sender.relay.close()
+        holder.relay.close()
 
 
 def _startup_round_trips(server: RedisServer, log_dir: Any) -> tuple[Relay, int]:

@@ -6,12 +6,17 @@ machine's record names the process holding its socket (``holder``, that process'
 
 * each process subscribes to its own channel, ``<app>:<env>:bus:<instance id>``;
 * ``deliver`` publishes ``{"type": "deliver", "id", "replyTo", "machineId", "frame", "waitMs"}`` to
-  the holder's channel. ``PUBLISH`` answers how many subscribers received it: none means the holder
+  the holder's channel, with ``"attached"`` when the sender gives something for the holder's
+  ``DeliveryListener`` (a dispatched command's records as written). ``PUBLISH`` answers how many subscribers received it: none means the holder
   is gone (stopped, killed, or cut off from Redis), and the delivery fails at once;
 * the holder sends the frame on its local socket and publishes ``{"type": "delivered", "id", "ok"}``
   to ``replyTo``; the sender waits for that answer at most ``timeout_s``. No answer: not delivered,
   and the caller records the command as ``machine_offline``;
 * ``forward`` publishes without ``id`` (traces): nobody answers, nobody waits.
+
+The holder tells its ``DeliveryListener``, if it has one, about each frame it is asked to send and
+what came attached, before the send (an agent may answer before ``send`` returns) and again when
+the send failed.
 
 The holder sends the frames of one machine one at a time, in the order they arrived, on a small
 thread pool (``relay.agents.lanes``: a slow agent never blocks the listener or other machines). A
@@ -35,7 +40,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import redis
 
@@ -71,6 +76,17 @@ class _Waiter:
         self.event.set()
 
 
+class DeliveryListener(Protocol):
+    """Told on the holder about the frames other processes deliver through it."""
+
+    def before_send(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        """A frame is about to go out on this process's socket; ``attached`` is what its sender
+        attached (``None`` when nothing)."""
+
+    def send_failed(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        """The frame announced by ``before_send`` was not sent."""
+
+
 class AgentBus:
     """Delivery to machines whose socket another relay process holds (see the module docstring)."""
 
@@ -85,6 +101,7 @@ class AgentBus:
         socket_timeout_s: float = 1.0,
         connect_timeout_s: float = 0.5,
         workers: int = 8,
+        listener: Optional[DeliveryListener] = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
@@ -96,6 +113,7 @@ class AgentBus:
         self._socket_timeout_s = socket_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._workers = workers
+        self._listener = listener
         self.channel = self.channel_of(instance_id)
         self._lock = threading.Lock()
         self._pending: dict[str, _Waiter] = {}
@@ -153,8 +171,9 @@ class AgentBus:
         return self._subscribed.wait(timeout_s)
 
     # -- sending ----------------------------------------------------------------------------------
-    def deliver(self, holder: str, machine_id: str, frame: dict[str, Any]) -> bool:
+    def deliver(self, holder: str, machine_id: str, frame: dict[str, Any], attached: Any = None) -> bool:
         """Have ``holder`` send ``frame`` on its socket for ``machine_id``; ``True`` once it confirms.
+        ``attached`` (JSON) goes to the holder's ``DeliveryListener`` with the frame.
 
         ``False`` when the bus is down, the holder is gone or does not hold the machine any more,
         its send failed, or no answer came within ``timeout_s``.
@@ -165,10 +184,12 @@ class AgentBus:
         waiter = _Waiter()
         with self._lock:
             self._pending[request_id] = waiter
+        message = {"type": "deliver", "id": request_id, "replyTo": self.instance_id, "machineId": machine_id,
+                   "frame": frame, "waitMs": int(self.timeout_s * 1000)}
+        if attached is not None:
+            message["attached"] = attached
         try:
-            receivers = self._publish(holder, {
-                "type": "deliver", "id": request_id, "replyTo": self.instance_id, "machineId": machine_id,
-                "frame": frame, "waitMs": int(self.timeout_s * 1000)})
+            receivers = self._publish(holder, message)
             if receivers == 0:
                 log.info("bus holder %s is gone (machine %s)", holder, machine_id,
                          extra={"event": "bus_holder_gone", "holder": holder, "machine_id": machine_id})
@@ -264,8 +285,14 @@ class AgentBus:
         request_id, reply_to = message.get("id"), message.get("replyTo")
         wait_ms = message.get("waitMs")
         late = isinstance(wait_ms, int) and (time.monotonic() - received) * 1000 > wait_ms / 2
-        session = self._sessions.get(message["machineId"])
-        ok = not late and session is not None and session.send_json(message["frame"])
+        machine_id, frame, attached = message["machineId"], message["frame"], message.get("attached")
+        session = None if late else self._sessions.get(machine_id)
+        listener = self._listener if session is not None else None
+        if listener is not None:
+            listener.before_send(machine_id, frame, attached)
+        ok = session is not None and session.send_json(frame)
+        if listener is not None and not ok:
+            listener.send_failed(machine_id, frame, attached)
         if request_id and isinstance(reply_to, str):
             try:
                 self._publish(reply_to, {"type": "delivered", "id": request_id, "ok": ok})

@@ -280,9 +280,10 @@ class LifecycleContext:
         holder = record.get("holder")
         return self.bus is None or not holder or holder == self.instance_id
 
-    def send(self, machine_id: str, frame: dict[str, Any], record: dict[str, Any]) -> bool:
+    def send(self, machine_id: str, frame: dict[str, Any], record: dict[str, Any], attached: Any = None) -> bool:
         """Send ``frame`` to the machine ``record`` (from ``online_record``) describes: through the bus
-        when another process holds it (``True`` once the holder confirms), else on the local socket."""
+        when another process holds it (``True`` once the holder confirms), with ``attached`` for the
+        holder's delivery listener, else on the local socket."""
         if not self.held_here(record):
-            return self.bus.deliver(record["holder"], machine_id, frame)  # type: ignore[union-attr]
+            return self.bus.deliver(record["holder"], machine_id, frame, attached)  # type: ignore[union-attr]
         return self.sessions.send(machine_id, frame)

@@ -6,6 +6,11 @@ reading them first (``AgentEvents.handle_result``): the write is a compare-and-s
 wrote either record since, nothing is written or claimed and the result is handled again from a
 read. Whatever was decided from the known records was decided on exactly what the write found.
 
+A command dispatched through the bus to the process holding the agent carries its records as
+written (``attachment``), and that process keeps them as if it had written them
+(``KeptFromSender``, the bus's delivery listener): the agent answers its holder, which then
+writes over them just the same.
+
 Process-local and bounded: past ``limit`` entries the oldest go first (commands never answered, or
 answered by another process). Losing an entry costs a read, never a result.
 """
@@ -13,10 +18,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
+from relay.domains import audit, inflight
 from relay.locks import compute_lock
-from relay.stores.envelope import Entry
+from relay.stores.envelope import Entry, EnvelopeError
 
 DEFAULT_LIMIT = 4096
 
@@ -56,3 +62,41 @@ class DispatchedCommands:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def attachment(command_id: str, audit_entry: Entry, inflight_entry: Entry) -> dict[str, str]:
+    """What a command sent through the bus carries for its holder: both records as stored."""
+    return {"commandId": command_id, "audit": audit_entry.raw, "inflight": inflight_entry.raw}
+
+
+def _from_attachment(attached: Any) -> Optional[tuple[str, Dispatched]]:
+    """The command id and records ``attachment`` gave; ``None`` for anything else."""
+    if not isinstance(attached, dict):
+        return None
+    command_id, audit_raw, inflight_raw = attached.get("commandId"), attached.get("audit"), attached.get("inflight")
+    if not (isinstance(command_id, str) and isinstance(audit_raw, str) and isinstance(inflight_raw, str)):
+        return None
+    try:
+        return command_id, Dispatched(audit.DOMAIN.schema.decode(audit_raw),
+                                      inflight.DOMAIN.schema.decode(inflight_raw))
+    except EnvelopeError:
+        return None
+
+
+class KeptFromSender:
+    """The bus's ``DeliveryListener`` on the process holding an agent: the records a command's sender
+    attached are kept before the command goes to the agent, and forgotten if it could not be sent.
+    Whatever they say, a result only writes over them where they are still what is stored."""
+
+    def __init__(self, dispatched: DispatchedCommands) -> None:
+        self.dispatched = dispatched
+
+    def before_send(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        kept = _from_attachment(attached)
+        if kept is not None:
+            self.dispatched.remember(kept[0], kept[1].audit, kept[1].inflight)
+
+    def send_failed(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        command_id = attached.get("commandId") if isinstance(attached, dict) else None
+        if isinstance(command_id, str):
+            self.dispatched.forget(command_id)

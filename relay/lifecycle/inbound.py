@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from relay import dsl
 from relay.lifecycle.context import LifecycleContext
+from relay.lifecycle.dispatched import attachment
 from relay.lifecycle.types import Ack, InboundMessage
 from relay.messages import clip_for_trace, handshake_text
 
@@ -151,11 +152,14 @@ class InboundPipeline:
                                             "machineId": command["machineId"], "kind": command["kind"],
                                             "createdAtMs": ctx.clock()})
         ctx.audit.log([created])
-        # Before the send: the answer may be handled before ``send`` returns. Only where the agent is
-        # held here: another process holding it handles its answer.
+        # Kept by the process holding the agent, which handles its answer: here before the send (the
+        # answer may be handled before ``send`` returns), or by the holder when the bus delivers it.
+        attached = None
         if ctx.held_here(record):
             ctx.dispatched.remember(command_id, opened, tracked)
-        if ctx.send(command["machineId"], {"type": "command", "command": command}, record):
+        else:
+            attached = attachment(command_id, opened, tracked)
+        if ctx.send(command["machineId"], {"type": "command", "command": command}, record, attached):
             ctx.audit.log([sent])
             return True
         ctx.dispatched.forget(command_id)

@@ -37,8 +37,10 @@ def attach(bus_sessions: SessionRegistry, machine_id: str) -> FakeAgent:
 def make_bus(redis_server: RedisServer) -> Iterator[MakeBus]:
     buses: list[AgentBus] = []
 
-    def build(instance_id: str, sessions: SessionRegistry | None = None, timeout_s: float = 1.0) -> AgentBus:
-        bus = AgentBus(redis_server.url, KEYS, instance_id, sessions or SessionRegistry(), timeout_s=timeout_s)
+    def build(instance_id: str, sessions: SessionRegistry | None = None, timeout_s: float = 1.0,
+              listener: Any = None) -> AgentBus:
+        bus = AgentBus(redis_server.url, KEYS, instance_id, sessions or SessionRegistry(), timeout_s=timeout_s,
+                       listener=listener)
         assert bus.start(wait_s=5)
         buses.append(bus)
         return bus
@@ -71,6 +73,40 @@ def test_delivery_fails_when_the_holder_cannot_send(make_bus: MakeBus) -> None:
     agent.closed = True
     assert sender.deliver("host:1:a", "m1", frame(2)) is False
     assert agent.frames == []
+
+
+class Listener:
+    """A ``DeliveryListener`` noting what it was told, and how many frames the agent had by then."""
+
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+        self.told: list[tuple[str, str, Any, int]] = []
+
+    def before_send(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        self.told.append(("before_send", machine_id, attached, len(self.agent.frames)))
+
+    def send_failed(self, machine_id: str, frame: dict[str, Any], attached: Any) -> None:
+        self.told.append(("send_failed", machine_id, attached, len(self.agent.frames)))
+
+
+def test_the_holder_hands_what_came_attached_to_its_listener_before_the_send(make_bus: MakeBus) -> None:
+    holder_sessions = SessionRegistry()
+    agent = attach(holder_sessions, "m1")
+    listener = Listener(agent)
+    make_bus("host:1:a", holder_sessions, listener=listener)
+    sender = make_bus("host:2:b")
+    assert sender.deliver("host:1:a", "m1", frame(1), attached={"commandId": "c1"}) is True
+    assert sender.deliver("host:1:a", "m1", frame(2)) is True
+    assert listener.told == [("before_send", "m1", {"commandId": "c1"}, 0), ("before_send", "m1", None, 1)]
+    assert agent.frames == [frame(1), frame(2)]
+    assert "attached" not in str(agent.frames)
+
+    agent.closed = True
+    assert sender.deliver("host:1:a", "m1", frame(3), attached={"commandId": "c3"}) is False
+    assert listener.told[2:] == [("before_send", "m1", {"commandId": "c3"}, 2),
+                                 ("send_failed", "m1", {"commandId": "c3"}, 2)]
+    assert sender.deliver("host:1:a", "elsewhere", frame(4), attached={"commandId": "c4"}) is False
+    assert len(listener.told) == 4
 
 
 def test_delivery_to_a_gone_holder_fails(make_bus: MakeBus, redis_server: RedisServer) -> None:

@@ -158,11 +158,13 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     command_id = b.callback("@dev fix", machineId="m1").get_json()["commandId"]
     index = a.relay.agent_events.ctx.audit.index
 
-    def killed(event: dict[str, Any], _claimable: Any) -> None:
+    def killed(event: dict[str, Any], *_known_and_claimable: Any) -> None:
         # As where the audit write and the claim are two steps (a Redis Cluster: two slots).
         index.apply(event)
         raise SystemExit("killed between audit and claim")
 
+    # ``a`` keeps the records ``b`` attached, and writes over them; without them it reads first.
+    monkeypatch.setattr(index, "apply_to_known_then_claim", killed)
     monkeypatch.setattr(index, "apply_then_claim", killed)
     with pytest.raises(SystemExit):
         a.result(agent, command_id, "ok", "finished")
@@ -176,14 +178,23 @@ def test_an_answer_audited_by_a_process_that_died_before_claiming_is_not_timed_o
     assert b.statuses(command_id) == ["created", "sent_to_agent", "agent_ok"]
 
 
-def test_only_the_process_holding_the_agent_keeps_the_records_it_dispatched(make_pair: MakePair) -> None:
-    """The holder handles the answer, so a command sent through the bus leaves nothing behind."""
+def test_the_process_holding_the_agent_keeps_the_records_of_what_it_sent(make_pair: MakePair) -> None:
+    """The holder handles the answer: a command sent through the bus leaves nothing with its sender,
+    and the holder keeps the records the sender wrote, as the sender wrote them."""
     a, b = make_pair()
-    a.connect("m1")
-    assert b.callback("@dev status", machineId="m1").get_json()["status"] == "sent_to_agent"
+    agent = a.connect("m1")
+    through_bus = b.callback("@dev status", machineId="m1").get_json()
+    assert through_bus["status"] == "sent_to_agent"
     assert a.callback("@dev status", machineId="m1").get_json()["status"] == "sent_to_agent"
-    assert len(a.relay.agent_events.ctx.dispatched) == 1
+    assert wait_for(lambda: len(agent.of_type("command")) == 2)
+    assert len(a.relay.agent_events.ctx.dispatched) == 2
     assert len(b.relay.agent_events.ctx.dispatched) == 0
+
+    kept = a.relay.agent_events.ctx.dispatched.take(through_bus["commandId"])
+    assert kept is not None
+    for domain, entry in (("audit", kept.audit), ("inflight", kept.inflight)):
+        store = b.relay.router.store(domain)
+        assert entry.raw == store.store.get(store.key(through_bus["commandId"]))
 
 
 def test_an_answer_another_process_recorded_first_is_decided_again_from_a_read(
