@@ -7,8 +7,9 @@ machine's record names the process holding its socket (``holder``, that process'
 * each process subscribes to its own channel, ``<app>:<env>:bus:<instance id>``;
 * ``deliver`` publishes ``{"type": "deliver", "id", "replyTo", "machineId", "frame", "waitMs"}`` to
   the holder's channel, with ``"attached"`` when the sender gives something for the holder's
-  ``DeliveryListener`` (a dispatched command's records as written). ``PUBLISH`` answers how many subscribers received it: none means the holder
-  is gone (stopped, killed, or cut off from Redis), and the delivery fails at once;
+  ``DeliveryListener`` (a dispatched command's records as written). ``PUBLISH`` answers how many
+  subscribers received it: none means the holder is gone (stopped, killed, or cut off from Redis),
+  and the delivery fails at once;
 * the holder sends the frame on its local socket and publishes ``{"type": "delivered", "id", "ok"}``
   to ``replyTo``; the sender waits for that answer at most ``timeout_s``. No answer: not delivered,
   and the caller records the command as ``machine_offline``;
