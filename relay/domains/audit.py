@@ -14,7 +14,7 @@ twice (reference §13 items 8, 9, 13). Rules that differ from the reference on p
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import marshmallow
@@ -95,6 +95,15 @@ def _score(record: dict[str, Any]) -> float:
         return float(parse_iso_ms(record["updatedAt"]))
     except ValueError:
         return 0.0
+
+
+def stored_form(value: str) -> Optional[str]:
+    """The text ``value`` takes in any stored record whose field holds it: the quoted string, where
+    every JSON encoder writes it alike (printable ASCII but ``"``, ``\\`` and ``/``, which some
+    escape); else ``None``. A record without that text cannot hold the value."""
+    if value.isascii() and value.isprintable() and not any(ch in value for ch in '"\\/'):
+        return '"' + value + '"'
+    return None
 
 
 class AuditIndex:
@@ -207,8 +216,9 @@ class AuditIndex:
         """``get`` or ``apply`` will be asked for this command: read it with the next round trip."""
         self._store().prefetch(command_id)
 
-    def _newest(self, page_size: int = PAGE) -> Iterator[dict[str, Any]]:
-        """Records newest first, fetched ``page_size`` at a time."""
+    def _newest(self, page_size: int = PAGE, needles: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Records newest first, fetched ``page_size`` at a time. With ``needles``, only those whose
+        stored text holds every needle are decoded and given; the others are passed over."""
         store = self._store()
         max_score: Optional[float] = None
         seen: set[str] = set()
@@ -219,11 +229,18 @@ class AuditIndex:
                 return
             ids = [m for m, _ in fresh]
             seen.update(ids)
-            records = store.mget(ids)
-            gone = [i for i, r in zip(ids, records) if r is None]
+            gone, records = [], []
+            for command_id, (key, raw) in zip(ids, store.mget_raw(ids)):
+                if raw is not None and not all(needle in raw for needle in needles):
+                    continue
+                entry = store.decode(key, raw)
+                if entry is None:
+                    gone.append(command_id)
+                else:
+                    records.append(entry.data)
             if gone:
                 store.index_remove(INDEX, gone)
-            yield from (r for r in records if r is not None)
+            yield from records
             if len(page) < page_size:
                 return
             max_score = page[-1][1]
@@ -237,9 +254,11 @@ class AuditIndex:
     ) -> list[dict[str, Any]]:
         limit = max(1, limit)
         out = []
-        # Unfiltered, the first ``limit`` records are the answer: fetch no more than that.
-        filtered = bool(user_id or machine_id or status)
-        for record in self._newest(PAGE if filtered else min(PAGE, limit + 1)):
+        # Unfiltered, the first ``limit`` records are the answer: fetch no more than that. Filtered,
+        # every record may have to be looked at; those that cannot match are not decoded.
+        filters = [value for value in (user_id, machine_id, status) if value]
+        needles = [needle for needle in map(stored_form, filters) if needle is not None]
+        for record in self._newest(PAGE if filters else min(PAGE, limit + 1), needles):
             if user_id and record.get("userId") != user_id:
                 continue
             if machine_id and record.get("machineId") != machine_id:

@@ -123,12 +123,16 @@ class DomainStore:
         return None if entry is None else entry.data
 
     def mget(self, ids: Sequence[str]) -> list[Any]:
-        keys = [self.key(i) for i in ids]
         out = []
-        for key, raw in zip(keys, self.store.mget(keys)):
+        for key, raw in self.mget_raw(ids):
             entry = self.decode(key, raw)
             out.append(None if entry is None else entry.data)
         return out
+
+    def mget_raw(self, ids: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+        """Each id's key and stored text, not decoded: for a caller that decodes only some of them."""
+        keys = [self.key(i) for i in ids]
+        return list(zip(keys, self.store.mget(keys)))
 
     def set(self, id_: str, data: Any, ttl_ms: Optional[int] = None) -> None:
         self.store.set(self.key(id_), self.encode(data), ttl_ms)

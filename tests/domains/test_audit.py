@@ -1,15 +1,19 @@
-"""``AuditIndex.apply_all``: a command's events added with one update, each at most once; and
+"""``AuditIndex.apply_all``: a command's events added with one update, each at most once;
 ``apply_to_known_then_claim``: an answer written over the record as it was written, never over a
-changed one."""
+changed one; and filtered ``list_recent``, which decodes only the records that can match."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Optional
+
+import pytest
 
 from relay.domains import inflight
-from relay.domains.audit import DOMAIN, AuditIndex
+from relay.domains.audit import DOMAIN, AuditIndex, stored_form
 from relay.domains.inflight import InflightCommands
 from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
+from relay.stores.memory import MemoryStore
 from tests.support.helpers import CountingWrites
 
 
@@ -79,3 +83,60 @@ def test_an_answer_over_a_record_changed_since_writes_and_claims_nothing() -> No
     assert index.apply_to_known_then_claim(_event("agent_ok", 3), opened, commands.answered("c1", tracked)) is None
     assert [e["status"] for e in index.get("c1")["events"]] == ["created", "sent_to_agent", "cancel_sent"]
     assert commands.get("c1") == tracked.data and commands.count() == 1
+
+
+@pytest.mark.parametrize("value, form", [
+    ("u1", '"u1"'),
+    ("agent_error", '"agent_error"'),
+    ("dev box #2 (lab)", '"dev box #2 (lab)"'),
+    ("张三", None),
+    ('say "hi"', None),
+    ("back\\slash", None),
+    ("a/b", None),
+    ("tab\there", None),
+])
+def test_a_value_is_looked_for_only_where_every_encoder_writes_it_alike(value: str, form: Optional[str]) -> None:
+    assert stored_form(value) == form
+
+
+class CountingDecodes(DomainStore):
+    """Counts the stored texts it decodes."""
+
+    decoded = 0
+
+    def decode(self, key: str, raw: Optional[str]) -> Any:
+        self.decoded += raw is not None
+        return super().decode(key, raw)
+
+
+def _filled(records: int) -> tuple[AuditIndex, CountingDecodes]:
+    """``records`` commands of users u0 to u9 on machines m0 and m1; c7's record as another JSON
+    encoder wrote it (spaces, non-ASCII escaped)."""
+    store = CountingDecodes(MemoryStore(), KeySpace("relay", "test"), DOMAIN)
+    index = AuditIndex(lambda: store, max_records=1000)
+    for n in range(records):
+        index.apply({"commandId": f"c{n}", "timestamp": f"2026-11-26T10:{n // 60:02d}:{n % 60:02d}.000Z",
+                     "status": "agent_error" if n % 50 == 7 else "agent_ok", "userId": f"u{n % 10}",
+                     "machineId": f"m{n % 2}", "summary": "完成"})
+    written = json.loads(store.store.get(store.key("c7")))
+    store.store.set(store.key("c7"), json.dumps(written, indent=1, ensure_ascii=True))
+    return index, store
+
+
+def test_a_filtered_listing_decodes_only_the_records_that_can_match() -> None:
+    index, store = _filled(200)
+    store.decoded = 0
+    found = index.list_recent(50, user_id="u7", machine_id="m1")
+    assert [r["commandId"] for r in found] == [f"c{n}" for n in range(197, -1, -10)]
+    assert store.decoded == 20
+
+    store.decoded = 0
+    assert [r["commandId"] for r in index.list_recent(50, status="agent_error")] == ["c157", "c107", "c57", "c7"]
+    assert store.decoded == 4
+
+
+def test_a_filter_by_a_value_no_encoder_writes_alike_decodes_every_record() -> None:
+    index, store = _filled(30)
+    store.decoded = 0
+    assert index.list_recent(50, user_id="张三") == []
+    assert store.decoded == 30
