@@ -405,6 +405,10 @@ class RoutedStore(Store):
         members = dict(members)
         self._write("index_add", lambda s: s.index_add(key, members), keys=[key])
 
+    def index_add_each(self, adds: Mapping[str, Mapping[str, float]]) -> None:
+        adds = {key: dict(members) for key, members in adds.items()}
+        self._write("index_add_each", lambda s: s.index_add_each(adds), keys=list(adds))
+
     def index_range(self, key: str, limit: Optional[int] = None, newest_first: bool = True,
                     min_score: Optional[float] = None, max_score: Optional[float] = None) -> list[tuple[str, float]]:
         self._pull(key)

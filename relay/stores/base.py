@@ -109,7 +109,7 @@ class Op(NamedTuple):
         """The keys the call touches."""
         if self.name == "delete":
             return tuple(self.args)
-        if self.name in ("mget", "mset"):
+        if self.name in ("mget", "mset", "index_add_each"):
             return tuple(self.args[0])
         if self.name == "guarded_reserve":
             return (self.args[0].key, self.args[1])
@@ -127,9 +127,11 @@ READ_OPS = frozenset({"get", "mget", "ttl_ms", "index_range", "index_count"})
 #: Calls ``execute`` can send together (locks and introspection always go alone).
 PIPELINE_OPS = READ_OPS | frozenset({"set", "mset", "delete", "set_if_absent", "compare_and_set",
                                      "compare_and_delete", "incr", "index_add", "index_remove", "index_trim",
-                                     "index_add_capped", "guarded_reserve", "compare_and_set_then_claim"})
+                                     "index_add_each", "index_add_capped", "guarded_reserve",
+                                     "compare_and_set_then_claim"})
 #: Plain writes whose answer nobody waits for: they may be deferred to a unit of work's next round trip.
-DEFERRABLE_OPS = frozenset({"set", "mset", "delete", "index_add", "index_remove", "index_add_capped"})
+DEFERRABLE_OPS = frozenset({"set", "mset", "delete", "index_add", "index_remove", "index_trim", "index_add_each",
+                            "index_add_capped"})
 
 
 class Store(abc.ABC):
@@ -254,6 +256,11 @@ class Store(abc.ABC):
         """Drop the lowest-scored members beyond ``max_size``; return them."""
 
     # -- compound operations (one round trip where the backend allows) -----------------------
+    def index_add_each(self, adds: Mapping[str, Mapping[str, float]]) -> None:
+        """``index_add`` to each index key of ``adds`` its members: one call for many indexes."""
+        for key, members in adds.items():
+            self.index_add(key, members)
+
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
                          record_prefix: str) -> list[str]:
         """``index_add``, then ``index_trim`` to ``max_size`` and delete the records of the dropped

@@ -247,6 +247,16 @@ class DomainStore:
         """``index_add``, sent with the unit of work's next round trip."""
         self.store.defer(Op("index_add", (self.index_key(index), dict(members))))
 
+    def defer_index_add_each(self, adds: Mapping[str, Mapping[str, float]]) -> None:
+        """``index_add`` to each index of ``adds``, as one call sent with the unit of work's next
+        round trip."""
+        self.store.defer(Op("index_add_each", ({self.index_key(name): dict(members)
+                                                for name, members in adds.items()},)))
+
+    def defer_index_trim(self, index: str, max_size: int) -> None:
+        """``index_trim``, sent with the unit of work's next round trip."""
+        self.store.defer(Op("index_trim", (self.index_key(index), max_size)))
+
     def flush(self) -> None:
         """Send this unit of work's deferred writes now."""
         self.store.flush()

@@ -179,6 +179,17 @@ end
 return {victims, hashed}
 """
 
+# KEYS: indexes; ARGV: for each index in order, its member count, then that many member/score pairs.
+_INDEX_ADD_EACH = """
+local at = 1
+for k = 1, #KEYS do
+  local last = at + 2 * tonumber(ARGV[at])
+  for i = at + 1, last, 2 do redis.call('ZADD', KEYS[k], ARGV[i + 1], ARGV[i]) end
+  at = last + 1
+end
+return #KEYS
+"""
+
 # KEYS: counter, reservation; ARGV: amount, counter_ttl_ms ("" = none), limit, value, ttl_ms ("" = none).
 _GUARDED_RESERVE = """
 local created = redis.call('EXISTS', KEYS[1]) == 0
@@ -735,6 +746,10 @@ class RedisStore(Store):
         return list(self._run(lambda b: b.index_trim(keys=[key], args=[max_size]), idempotent=False))
 
     # -- compound operations ----------------------------------------------------------------------
+    def index_add_each(self, adds: Mapping[str, Mapping[str, float]]) -> None:
+        if adds:
+            self.execute([Op("index_add_each", (dict(adds),))])
+
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
                          record_prefix: str) -> list[str]:
         (result,) = self.execute([Op("index_add_capped", (key, members, max_size, record_prefix))])
@@ -889,6 +904,15 @@ class RedisStore(Store):
             key, max_size = args
             max_size = _check_max_size(max_size)
             return _Queued(("EVAL", _INDEX_TRIM, 1, key, max_size), list, False)
+        if name == "index_add_each":
+            (adds,) = args
+            argv = []
+            for members in adds.values():
+                argv.append(len(members))
+                for member, score in members.items():
+                    argv += [str(member), repr(float(score))]
+            return _Queued(("EVAL", _INDEX_ADD_EACH, len(adds), *adds, *argv) if adds else ("ECHO", "0"),
+                           _nothing, True)
         if name == "index_add_capped":
             key, members, max_size, record_prefix = args
             max_size = _check_max_size(max_size)

@@ -99,6 +99,12 @@ class RedisClusterStore(RedisStore):
         for keys in slots.values():
             self._set_with_ttl(b, keys, items, ttl_ms)
 
+    def index_add_each(self, adds: Mapping[str, Mapping[str, float]]) -> None:
+        """One script where every index is in one slot, else one ``index_add`` each."""
+        if self._slot_of(Op("index_add_each", (dict(adds),))) is None:
+            return Store.index_add_each(self, adds)
+        return super().index_add_each(adds)
+
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
                          record_prefix: str) -> list[str]:
         if self._slot_of(Op("index_add_capped", (key, members, max_size, record_prefix))) is None:

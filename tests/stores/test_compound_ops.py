@@ -75,9 +75,13 @@ def test_execute_runs_in_order_and_answers_like_single_calls(store: Store) -> No
         Op("compare_and_set_then_claim", ("r", None, "x", None, Claim("k", "w", "i", "m"))),
         Op("compare_and_set_then_claim", ("r", None, "y", None, Claim("c", "2", "i", "m"))),
         Op("delete", ("r", "k", "c")),
+        Op("index_add_each", ({"i": {"n": 2.5}, "j": {"n": 1.0}, "l": {}},)),
+        Op("index_add_each", ({},)),
+        Op("index_range", ("j", None, True, None, None)),
     ])
     assert results == [None, "v", False, 2, None, [("m", 1.5)], 1, True, ["w", None], (True, True), (False, False),
-                       2]
+                       2, None, None, [("n", 1.0)]]
+    assert store.index_range("i") == [("n", 2.5)]
 
 
 def test_execute_checks_every_argument_before_sending_anything(store: Store) -> None:

@@ -416,6 +416,18 @@ def test_index_add_with_no_members_creates_nothing(backend: Backend) -> None:
     assert backend.raw_keys() == []
 
 
+def test_index_add_each_adds_to_every_index_it_names(backend: Backend) -> None:
+    s = backend.store
+    s.index_add("app:{audit}:#u", {"a": 5})
+    s.index_add_each({"app:{audit}:#u": {"a": 1, "b": 2}, "app:{audit}:#m": {"a": 1}, "app:{audit}:#s": {},
+                      "idx-one": {"x": 3}})  # a slot of its own on a cluster
+    s.index_add_each({})
+    assert s.index_range("app:{audit}:#u") == [("b", 2.0), ("a", 1.0)]
+    assert s.index_range("app:{audit}:#m") == [("a", 1.0)]
+    assert s.index_range("idx-one") == [("x", 3.0)]
+    assert sorted(backend.raw_keys()) == sorted(["app:{audit}:#u", "app:{audit}:#m", "idx-one"])
+
+
 def test_scan_keys_lists_live_keys_under_a_prefix(backend: Backend) -> None:
     store = backend.store
     store.set("app:{audit}:a", "1")
