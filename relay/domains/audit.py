@@ -14,18 +14,28 @@ twice (reference §13 items 8, 9, 13). Rules that differ from the reference on p
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any, Optional
 
 import marshmallow
 from marshmallow import fields
 
 from middleware.routing import StoreProvider
+from relay.jsontext import parse
 from relay.stores.domain import Claimable, Domain, DomainStore
 from relay.stores.envelope import Entry, EnvelopeSchema, parse_iso_ms
 
 INDEX = "updated"
 PAGE = 200
+#: The fields ``/audit/recent`` filters on; each value has an index of its records (``value_index``).
+FILTER_FIELDS = ("userId", "machineId", "status")
+#: A one-member index whose score is the watermark of ``AuditIndex.link``.
+LINKED = "linked"
+LINKED_MEMBER = "through"
+#: How far behind the clock ``link`` stays.
+LINK_LAG_MS = 5_000
 #: An audit record as stored (``RECORD_KEYS``).
 Record = dict[str, Any]
 
@@ -95,6 +105,21 @@ def _score(record: dict[str, Any]) -> float:
         return float(parse_iso_ms(record["updatedAt"]))
     except ValueError:
         return 0.0
+
+
+def _record_in(raw: Optional[str]) -> Optional[dict[str, Any]]:
+    """The record data of a stored envelope, parsed but not validated; ``None`` for anything else."""
+    try:
+        data = parse(raw)["data"] if raw is not None else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def value_index(field: str, value: str) -> str:
+    """The index of the records whose ``field`` holds ``value``. No field name holds a ``.``, so two
+    fields or values never share one, and a plain value keeps the name plain for ``index_key``."""
+    return f"{field}.{value}"
 
 
 def stored_form(value: str) -> Optional[str]:
@@ -216,14 +241,16 @@ class AuditIndex:
         """``get`` or ``apply`` will be asked for this command: read it with the next round trip."""
         self._store().prefetch(command_id)
 
-    def _newest(self, page_size: int = PAGE, needles: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
-        """Records newest first, fetched ``page_size`` at a time. With ``needles``, only those whose
-        stored text holds every needle are decoded and given; the others are passed over."""
+    def _newest(self, page_size: int = PAGE, needles: Sequence[str] = (), index: str = INDEX,
+                min_score: Optional[float] = None, max_score: Optional[float] = None) -> Iterator[dict[str, Any]]:
+        """Records of ``index`` newest first, fetched ``page_size`` at a time, within the scores given.
+        With ``needles``, only those whose stored text holds every needle are decoded and given; the
+        others are passed over. Members whose record is gone leave ``index``."""
         store = self._store()
-        max_score: Optional[float] = None
         seen: set[str] = set()
         while True:
-            page = store.index_range(INDEX, limit=page_size, newest_first=True, max_score=max_score)
+            page = store.index_range(index, limit=page_size, newest_first=True, min_score=min_score,
+                                     max_score=max_score)
             fresh = [(m, s) for m, s in page if m not in seen]
             if not fresh:
                 return
@@ -239,7 +266,7 @@ class AuditIndex:
                 else:
                     records.append(entry.data)
             if gone:
-                store.index_remove(INDEX, gone)
+                store.index_remove(index, gone)
             yield from records
             if len(page) < page_size:
                 return
@@ -253,22 +280,106 @@ class AuditIndex:
         status: Optional[str] = None,
     ) -> list[dict[str, Any]]:
         limit = max(1, limit)
-        out = []
-        # Unfiltered, the first ``limit`` records are the answer: fetch no more than that. Filtered,
-        # every record may have to be looked at; those that cannot match are not decoded.
-        filters = [value for value in (user_id, machine_id, status) if value]
-        needles = [needle for needle in map(stored_form, filters) if needle is not None]
-        for record in self._newest(PAGE if filters else min(PAGE, limit + 1), needles):
-            if user_id and record.get("userId") != user_id:
+        wanted = {name: value for name, value in zip(FILTER_FIELDS, (user_id, machine_id, status)) if value}
+        if not wanted:
+            # The first ``limit`` records are the answer: fetch no more than that.
+            return list(islice(self._newest(min(PAGE, limit + 1)), limit))
+        out: list[dict[str, Any]] = []
+        given: set[str] = set()
+        for record in self._filtered(wanted):
+            if record["commandId"] in given or any(record.get(name) != value for name, value in wanted.items()):
                 continue
-            if machine_id and record.get("machineId") != machine_id:
-                continue
-            if status and record.get("status") != status:
-                continue
+            given.add(record["commandId"])
             out.append(record)
             if len(out) >= limit:
                 break
         return out
+
+    def _filtered(self, wanted: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Newest first, the records that may hold the ``wanted`` values. Records that cannot are not
+        decoded (``stored_form``). Up to the linked watermark (``link``), only those in the index of
+        one wanted value are read; above it, and everywhere when nothing was linked yet, all are."""
+        needles = [needle for needle in map(stored_form, wanted.values()) if needle is not None]
+        through = self._linked_through()
+        if through is None:
+            yield from self._newest(PAGE, needles)
+            return
+        yield from self._newest(PAGE, needles, min_score=through + 0.5)
+        name, value = next(iter(wanted.items()))
+        yield from self._newest(PAGE, needles, index=value_index(name, value), max_score=through)
+
+    def link(self, now_ms: int, page_size: int = PAGE) -> int:
+        """Add the records updated since the last call, up to ``LINK_LAG_MS`` before ``now_ms``, to the
+        index of each of their filter values (``value_index``), whoever wrote them, and move the
+        watermark to there; return how many records were read. The sweeps' leader calls it each
+        period. Two calls at once are safe: each moves the watermark only past what it linked, and a
+        watermark moved back only has records linked again. The lag covers clocks a little apart: a
+        record written later with an earlier time than the watermark would be in no value index."""
+        store = self._store()
+        through = self._linked_through()
+        upto = float(now_ms - LINK_LAG_MS)
+        if through is not None and through >= upto:
+            return 0
+        linked = 0
+        touched: set[str] = set()
+        low = None if through is None else through + 0.5
+        done: set[str] = set()
+        while True:
+            page = store.index_range(INDEX, limit=page_size, newest_first=False, min_score=low, max_score=upto)
+            if len(page) == page_size and page[0][1] == page[-1][1]:
+                # ``page_size`` records or more share one score: take them all, then go past it.
+                score = page[0][1]
+                page = store.index_range(INDEX, newest_first=False, min_score=score, max_score=score)
+                linked += self._link_page(store, [entry for entry in page if entry[0] not in done], touched)
+                low, done = score + 0.5, set()
+                continue
+            linked += self._link_page(store, [entry for entry in page if entry[0] not in done], touched)
+            if len(page) < page_size:
+                break
+            time.sleep(0)  # under gevent the sweeps share the event loop with the requests
+            low = page[-1][1]
+            done = {m for m, score in page if score == low}
+        # Each index added to keeps at most ``max_records``: what it drops left ``#updated`` before.
+        for index in touched:
+            store.defer_index_trim(index, self.max_records)
+        store.defer_index_add(LINKED, {LINKED_MEMBER: upto})
+        store.flush()
+        return linked
+
+    @staticmethod
+    def _link_page(store: DomainStore, entries: list[tuple[str, float]], touched: set[str]) -> int:
+        """Each record's id into the index of each of its filter values, at its score, and out of
+        the indexes of the statuses its events say it had before; the indexes added to join
+        ``touched``. Returns how many entries there were. The records are only parsed: what they
+        hold was validated when written, and nothing here is written back."""
+        if not entries:
+            return 0
+        members: dict[str, dict[str, float]] = {}
+        left: dict[str, list[str]] = {}
+        for (command_id, score), (_, raw) in zip(entries, store.mget_raw([m for m, _ in entries])):
+            record = _record_in(raw)
+            if record is None:
+                continue
+            for name in FILTER_FIELDS:
+                value = record.get(name)
+                if isinstance(value, str) and value:
+                    members.setdefault(value_index(name, value), {})[command_id] = score
+            for past in {event.get("status") for event in record.get("events") or () if isinstance(event, dict)} \
+                    - {record.get("status")}:
+                if isinstance(past, str) and past:
+                    left.setdefault(value_index("status", past), []).append(command_id)
+        if members:
+            store.defer_index_add_each(members)
+        for index, gone in left.items():
+            store.index_remove(index, gone, defer=True)
+        store.flush()
+        touched.update(members)
+        return len(entries)
+
+    def _linked_through(self) -> Optional[float]:
+        """The watermark ``link`` left: every record at or below it is in its value indexes."""
+        mark = self._store().index_range(LINKED, limit=1)
+        return mark[0][1] if mark else None
 
     def count(self) -> int:
         return self._store().index_count(INDEX)

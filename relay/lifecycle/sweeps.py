@@ -1,8 +1,9 @@
-"""Periodic work: the in-flight timeout sweep, template clean-up and stale machines (reference §7.2).
+"""Periodic work: the in-flight timeout sweep, template clean-up and stale machines (reference §7.2),
+and the audit records' value indexes (``AuditIndex.link``).
 
 Every process closes its own stale sockets each period. The sweeps of shared state (in-flight
-timeouts, template clean-up, machine records of processes that are gone) run only in the process
-holding the leader lease, so across all instances and workers they run once per period and each
+timeouts, template clean-up, machine records of processes that are gone, linking the audit records
+updated since the last period) run only in the process holding the leader lease, so across all instances and workers they run once per period and each
 timeout is audited and notified once (reference §7.2, §13 item 22).
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Sweeper:
             steps: list[Callable[[], Any]] = [self.sweep_stale_sessions]
             if leading:
                 steps = [self.sweep_inflight, self.sweep_orphaned_machines, self.sweep_stale_sessions,
-                         lambda: ctx.domains.templates.sweep(ctx.clock())]
+                         lambda: ctx.domains.templates.sweep(ctx.clock()),
+                         lambda: ctx.domains.audit.link(ctx.clock())]
             for step in steps:
                 try:
                     step()

@@ -13,6 +13,7 @@ import pytest
 
 from config.settings import load_settings
 from relay.app import create_app
+from relay.domains import audit
 from tests.lifecycle.conftest import BASE_ENV, Clock, FakeAgent, RelayHarness
 from tests.support.redisproc import RedisServer
 
@@ -235,3 +236,25 @@ def test_a_timeout_audited_by_a_leader_that_died_before_claiming_is_finished_by_
     assert b.frame(b.relay.sweeper.sweep_inflight) == [command_id]
     assert b.statuses(command_id) == ["created", "sent_to_agent", "inflight_timeout"]
     assert b.client.get("/inflight").get_json() == {"items": []}
+
+
+def test_the_sweeps_leader_links_the_audit_records_for_filtered_listings(make_pair: MakePair) -> None:
+    """The records either process wrote are linked by the leader's sweep; a filtered listing on the
+    other process answers through the links as before them."""
+    a, b = make_pair()
+    agent = a.connect("m1")
+    mine = []
+    for relay, user in ((a, "u1"), (b, "u2"), (b, "u1"), (a, "u2")):
+        a.clock.advance(10)
+        mine.append(relay.callback("@dev status", user_id=user, machineId="m1").get_json()["commandId"])
+    a.clock.advance(10)
+    a.result(agent, mine[0], "ok", "done")
+    before = {user: b.client.get(f"/audit/recent?userId={user}").get_json() for user in ("u1", "u2")}
+    assert [r["commandId"] for r in before["u1"]["items"]] == [mine[0], mine[2]]  # mine[0] answered last
+
+    a.clock.advance(audit.LINK_LAG_MS + 1)
+    assert a.relay.sweeper.run_once()
+    assert b.frame(lambda: b.relay.agent_events.ctx.domains.audit.link(b.clock())) == 0  # nothing left
+    for user in ("u1", "u2"):
+        assert b.client.get(f"/audit/recent?userId={user}").get_json() == before[user]
+    assert [r["commandId"] for r in b.client.get("/audit/recent?status=agent_ok").get_json()["items"]] == [mine[0]]

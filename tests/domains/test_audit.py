@@ -1,19 +1,26 @@
 """``AuditIndex.apply_all``: a command's events added with one update, each at most once;
 ``apply_to_known_then_claim``: an answer written over the record as it was written, never over a
-changed one; and filtered ``list_recent``, which decodes only the records that can match."""
+changed one; filtered ``list_recent``, which decodes only the records that can match; and ``link``,
+which puts records in the index of each of their filter values behind a watermark, so that a
+filtered listing reads the records of one value and those written since (memory and redis-server)."""
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
 
 from relay.domains import inflight
-from relay.domains.audit import DOMAIN, AuditIndex, stored_form
+from middleware.breaker import GuardedBreaker
+from relay.domains.audit import DOMAIN, LINK_LAG_MS, AuditIndex, stored_form, value_index
 from relay.domains.inflight import InflightCommands
 from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
+from relay.stores.base import Store
 from relay.stores.memory import MemoryStore
+from relay.stores.redis import RedisStore
 from tests.support.helpers import CountingWrites
 
 
@@ -140,3 +147,137 @@ def test_a_filter_by_a_value_no_encoder_writes_alike_decodes_every_record() -> N
     store.decoded = 0
     assert index.list_recent(50, user_id="张三") == []
     assert store.decoded == 30
+
+
+START_MS = 1_795_000_000_000
+
+
+def _at(second: int) -> str:
+    """The ISO time ``second`` seconds after ``START_MS``."""
+    from relay.stores.envelope import iso_ms
+    return iso_ms(START_MS + 1000 * second)
+
+
+class CountingReads(DomainStore):
+    """Counts the records read by ``mget_raw`` (a listing's reads)."""
+
+    read = 0
+
+    def mget_raw(self, ids: Any) -> Any:
+        self.read += len(ids)
+        return super().mget_raw(ids)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    store = RedisStore(request.getfixturevalue("redis_server").url, breaker=GuardedBreaker())
+    yield store
+    store.close()
+
+
+def _audit(backend: Store, max_records: int = 1000) -> tuple[AuditIndex, CountingReads]:
+    store = CountingReads(backend, KeySpace("relay", "links"), DOMAIN)
+    return AuditIndex(lambda: store, max_records=max_records), store
+
+
+def _command(index: AuditIndex, n: int, second: int, status: str = "agent_ok") -> None:
+    index.apply({"commandId": f"c{n}", "timestamp": _at(second), "status": status, "userId": f"u{n % 10}",
+                 "machineId": f"m{n % 2}"})
+
+
+def _everything(index: AuditIndex, **wanted: str) -> list[str]:
+    """The answer as a read of every record gives it."""
+    names = {"user_id": "userId", "machine_id": "machineId", "status": "status"}
+    return [r["commandId"] for r in index.list_recent(100_000)
+            if all(r.get(names[k]) == v for k, v in wanted.items())]
+
+
+def _ids(records: list[dict[str, Any]]) -> list[str]:
+    return [r["commandId"] for r in records]
+
+
+def test_without_a_watermark_a_filtered_listing_reads_every_record(backend: Store) -> None:
+    index, store = _audit(backend)
+    for n in range(40):
+        _command(index, n, n)
+    store.read = 0
+    assert _ids(index.list_recent(50, user_id="u7")) == ["c37", "c27", "c17", "c7"]
+    assert store.read == 40
+
+
+def test_after_link_a_filtered_listing_reads_the_value_index_and_what_came_since(backend: Store) -> None:
+    index, store = _audit(backend)
+    for n in range(200):
+        _command(index, n, n)
+    assert index.link(START_MS + 1000 * 199 + LINK_LAG_MS) == 200
+    for n in range(200, 210):
+        _command(index, n, n)  # after the watermark: not linked yet
+    store.read = 0
+    found = _ids(index.list_recent(50, user_id="u7"))
+    assert store.read == 10 + 20  # the ten records since the watermark, and u7's twenty below it
+    assert found == _everything(index, user_id="u7") == [f"c{n}" for n in range(207, -1, -10)]
+
+    store.read = 0
+    assert _ids(index.list_recent(3, machine_id="m1", user_id="u3")) == ["c203", "c193", "c183"]
+    assert store.read == 10 + 20  # u3's index, read a page at a time
+
+
+def test_a_linked_record_leaves_the_index_of_the_status_it_had(backend: Store) -> None:
+    index, store = _audit(backend)
+    _command(index, 1, 0, status="sent_to_agent")
+    _command(index, 2, 1, status="sent_to_agent")
+    index.link(START_MS + 1000 + LINK_LAG_MS)
+    _command(index, 1, 2, status="agent_ok")
+    index.link(START_MS + 2000 + LINK_LAG_MS)
+    store.read = 0
+    assert _ids(index.list_recent(50, status="sent_to_agent")) == ["c2"]
+    assert store.read == 1
+    assert _ids(index.list_recent(50, status="agent_ok")) == ["c1"]
+
+
+def test_link_takes_every_record_of_a_score_shared_beyond_a_page(backend: Store) -> None:
+    index, store = _audit(backend)
+    for n in range(12):
+        _command(index, n, 0 if n < 7 else n)  # seven records at the same millisecond
+    assert index.link(START_MS + 1000 * 11 + LINK_LAG_MS, page_size=3) == 12
+    for user in ("u0", "u3", "u6", "u9"):
+        store.read = 0
+        found = _ids(index.list_recent(50, user_id=user))
+        assert store.read == len(found)
+        assert found == _everything(index, user_id=user)
+
+
+def test_a_value_index_keeps_no_more_entries_than_the_records_kept(backend: Store) -> None:
+    """Records trimmed past the cap leave their value indexes when those are next linked into."""
+    index, store = _audit(backend, max_records=5)
+    for n in range(0, 100, 10):  # all u0
+        _command(index, n, n)
+        index.link(START_MS + 1000 * n + LINK_LAG_MS)
+    assert index.count() == 5
+    assert store.index_count(value_index("userId", "u0")) == 5
+    assert _ids(index.list_recent(50, user_id="u0")) == ["c90", "c80", "c70", "c60", "c50"]
+
+
+def test_listings_through_the_links_equal_a_read_of_everything(backend: Store) -> None:
+    """Commands added, answered (their status changes) and trimmed past the cap in a random order,
+    with ``link`` now and then: every filtered listing equals the answer a read of everything gives."""
+    rng = random.Random(7)
+    index, _ = _audit(backend, max_records=30)
+    second, count = 0, 0
+    for step in range(300):
+        second += 1
+        if count and rng.random() < 0.4:
+            _command(index, rng.randrange(max(0, count - 40), count), second,
+                     status=rng.choice(["agent_ok", "agent_error", "cancel_sent"]))
+        else:
+            _command(index, count, second, status=rng.choice(["created", "sent_to_agent"]))
+            count += 1
+        if rng.random() < 0.2:
+            index.link(START_MS + 1000 * second + rng.choice([0, LINK_LAG_MS]))
+        if step % 25 == 24:
+            for wanted in ({"user_id": "u3"}, {"machine_id": "m0"}, {"status": "sent_to_agent"},
+                           {"status": "agent_ok", "user_id": "u4"}):
+                assert _ids(index.list_recent(8, **wanted)) == _everything(index, **wanted)[:8], (step, wanted)
