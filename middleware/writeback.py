@@ -19,7 +19,10 @@ The rule for one key (``copy_newer``): a value is written to the target only whe
 the target has none or an older one (by the envelope's ``updatedAt``), using
 compare-and-set so a concurrent newer write always wins. Index members are
 merged (union). Counters (rate-limit windows) and locks are not copied: they are
-short-lived and only meaningful on the backend that decided them.
+short-lived and only meaningful on the backend that decided them. Nor are keys
+named ``#local:...`` (the audit records' linking watermark): each vouches for
+what its own backend holds, and a copy would vouch for records the target never
+had linked.
 """
 from __future__ import annotations
 
@@ -49,8 +52,9 @@ def _is_index(key: str) -> bool:
     return ":#" in key
 
 
-def _is_lock(key: str) -> bool:
-    return ":#lock%3A" in key
+def _stays(key: str) -> bool:
+    """A lock, or a ``#local:`` key: meaningful only on the backend that holds it."""
+    return ":#lock%3A" in key or ":#local%3A" in key
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def forget(at_ms: int) -> Task:
 
 def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -> str:
     """Copy one key from ``source`` to ``target`` unless the target holds a newer value."""
-    if _is_lock(key):
+    if _stays(key):
         return SKIPPED
     if _is_index(key):
         members = dict(source.index_range(key))
@@ -114,9 +118,9 @@ def sync_key(source: Store, target: Store, key: str) -> str:
 
     A value is copied unless the target's is newer; a value the source no longer has is deleted
     from the target with compare-and-delete (so a concurrent write wins); an index gets the
-    source's members and loses the others. Counters and locks are left alone.
+    source's members and loses the others. Counters, locks and ``#local:`` keys are left alone.
     """
-    if _is_lock(key):
+    if _stays(key):
         return SKIPPED
     # The target is read before the source: a write landing on both meanwhile is then either in
     # the source's answer or changes the target under the compare-and-delete, never removed.

@@ -31,8 +31,9 @@ INDEX = "updated"
 PAGE = 200
 #: The fields ``/audit/recent`` filters on; each value has an index of its records (``value_index``).
 FILTER_FIELDS = ("userId", "machineId", "status")
-#: A one-member index whose score is the watermark of ``AuditIndex.link``.
-LINKED = "linked"
+#: A one-member index whose score is the watermark of ``AuditIndex.link``. ``local:`` keeps it on its
+#: backend (``middleware.writeback`` copies no such key): it vouches for that backend's value indexes.
+LINKED = "local:linked"
 LINKED_MEMBER = "through"
 #: How far behind the clock ``link`` stays.
 LINK_LAG_MS = 5_000

@@ -14,7 +14,7 @@ from middleware.breaker import GuardedBreaker
 from middleware.routed_store import RoutedStore
 from middleware.routing import StoreRouter
 from middleware.shadow import ShadowComparer
-from middleware.writeback import Reconciler, WriteBackJournal, copy_newer
+from middleware.writeback import Reconciler, WriteBackJournal, copy_newer, sync_key
 from relay.domains import idempotency
 from relay.stores.base import StoreError, StoreUnavailable
 from relay.stores.envelope import iso_ms
@@ -224,6 +224,19 @@ def test_copy_never_overwrites_a_newer_target(rig: Rig) -> None:
     rig.redis.set(PREFIX + "a", envelope({"v": "new"}, 1001))
     assert copy_newer(rig.memory, rig.redis, PREFIX + "a") == "kept_newer"
     assert json.loads(rig.redis.get(PREFIX + "a"))["data"] == {"v": "new"}
+
+
+def test_a_local_key_is_neither_copied_nor_repaired(rig: Rig) -> None:
+    """The audit linking watermark describes its own backend's value indexes: a copy would claim
+    links the target never made."""
+    key = PREFIX + "#local%3Alinked"
+    rig.memory.index_add(key, {"through": 5000.0})
+    rig.redis.index_add(key, {"through": 1000.0})
+    assert copy_newer(rig.memory, rig.redis, key) == "skipped"
+    assert sync_key(rig.memory, rig.redis, key) == "skipped"
+    assert rig.redis.index_range(key) == [("through", 1000.0)]
+    rig.reconciler.copy_domain("audit", "backfill")
+    assert rig.redis.index_range(key) == [("through", 1000.0)]
 
 
 # -- switching plans through the router ------------------------------------------------------------
