@@ -1,5 +1,6 @@
 """Periodic work: the in-flight timeout sweep, template clean-up and stale machines (reference §7.2),
-and the audit records' value indexes (``AuditIndex.link``).
+and the audit records' value indexes (``AuditIndex.link``, also every ``LINK_INTERVAL_S`` between
+periods).
 
 Every process closes its own stale sockets each period. The sweeps of shared state (in-flight
 timeouts, template clean-up, machine records of processes that are gone, linking the audit records
@@ -19,6 +20,10 @@ from relay.lifecycle.leader import LeaderLease
 from relay.lifecycle.notify import ResultNotifier
 
 log = logging.getLogger("relay.sweeps")
+
+#: How often the leader links the audit records between two periods (``AuditIndex.link``): a filtered
+#: ``/audit/recent`` reads every record written since the last link.
+LINK_INTERVAL_S = 5.0
 
 
 class Sweeper:
@@ -121,14 +126,32 @@ class Sweeper:
                     log.error("sweep step failed", extra={"event": "sweep_failed", "error": type(exc).__name__})
         return leading
 
+    def link_audit(self) -> None:
+        """Between periods, the leader of the last one links the audit records written since."""
+        if self.lease is not None and not self.lease.held:
+            return
+        ctx = self.ctx
+        with self._scope():
+            try:
+                ctx.domains.audit.link(ctx.clock())
+            except Exception as exc:
+                log.error("sweep step failed", extra={"event": "sweep_failed", "error": type(exc).__name__})
+
     def start(self) -> None:
         if self._thread is not None:
             return
         interval = self.ctx.settings.sweep_interval_ms / 1000
+        tick = min(interval, LINK_INTERVAL_S)
 
         def loop() -> None:
-            while not self._stop.wait(interval):
-                self.run_once()
+            since = 0.0
+            while not self._stop.wait(tick):
+                since += tick
+                if since >= interval:
+                    since = 0.0
+                    self.run_once()
+                else:
+                    self.link_audit()
 
         self._thread = threading.Thread(target=loop, name="sweeper", daemon=True)
         self._thread.start()

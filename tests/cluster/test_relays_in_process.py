@@ -14,6 +14,7 @@ import pytest
 from config.settings import load_settings
 from relay.app import create_app
 from relay.domains import audit
+from relay.lifecycle import sweeps
 from tests.lifecycle.conftest import BASE_ENV, Clock, FakeAgent, RelayHarness
 from tests.support.redisproc import RedisServer
 
@@ -258,3 +259,32 @@ def test_the_sweeps_leader_links_the_audit_records_for_filtered_listings(make_pa
     for user in ("u1", "u2"):
         assert b.client.get(f"/audit/recent?userId={user}").get_json() == before[user]
     assert [r["commandId"] for r in b.client.get("/audit/recent?status=agent_ok").get_json()["items"]] == [mine[0]]
+
+
+def _watermark(relay: RelayHarness) -> float:
+    store = relay.relay.router.store("audit")
+    return dict(store.index_range(audit.LINKED)).get(audit.LINKED_MEMBER, 0.0)
+
+
+def test_between_periods_the_last_periods_leader_links_every_few_seconds(
+        make_pair: MakePair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filtered listings read the records written since the last link, so the leader links more
+    often than it sweeps; a process that did not lead the last period does not."""
+    monkeypatch.setattr(sweeps, "LINK_INTERVAL_S", 0.05)
+    a, b = make_pair()
+    a.connect("m1")
+    assert a.relay.sweeper.run_once() and not b.relay.sweeper.run_once()
+    first = _watermark(a)
+    a.clock.advance(audit.LINK_LAG_MS + 1000)
+    b.callback("@dev status", machineId="m1")
+    a.clock.advance(audit.LINK_LAG_MS + 1000)
+
+    b.relay.sweeper.link_audit()
+    assert _watermark(a) == first
+    b.relay.sweeper.start()
+    a.relay.sweeper.start()  # SWEEP_INTERVAL_MS is 60 s: these are links between periods
+    try:
+        assert wait_for(lambda: _watermark(b) == a.clock() - audit.LINK_LAG_MS)
+    finally:
+        a.relay.sweeper.stop()
+        b.relay.sweeper.stop()
