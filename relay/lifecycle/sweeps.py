@@ -4,12 +4,14 @@ periods).
 
 Every process closes its own stale sockets each period. The sweeps of shared state (in-flight
 timeouts, template clean-up, machine records of processes that are gone, linking the audit records
-updated since the last period) run only in the process holding the leader lease, so across all instances and workers they run once per period and each
-timeout is audited and notified once (reference §7.2, §13 item 22).
+updated since the last pass) run only in the process holding the leader lease, so across all
+instances and workers they run once per period and each timeout is audited and notified once
+(reference §7.2, §13 item 22).
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,6 +26,14 @@ log = logging.getLogger("relay.sweeps")
 #: How often the leader links the audit records between two periods (``AuditIndex.link``): a filtered
 #: ``/audit/recent`` reads every record written since the last link.
 LINK_INTERVAL_S = 5.0
+
+
+def _run(step: Callable[[], Any]) -> None:
+    """One step of a period: a failure is logged, and the other steps still run."""
+    try:
+        step()
+    except Exception as exc:
+        log.error("sweep step failed", extra={"event": "sweep_failed", "error": type(exc).__name__})
 
 
 class Sweeper:
@@ -120,10 +130,7 @@ class Sweeper:
                          lambda: ctx.domains.templates.sweep(ctx.clock()),
                          lambda: ctx.domains.audit.link(ctx.clock())]
             for step in steps:
-                try:
-                    step()
-                except Exception as exc:
-                    log.error("sweep step failed", extra={"event": "sweep_failed", "error": type(exc).__name__})
+                _run(step)
         return leading
 
     def link_audit(self) -> None:
@@ -132,23 +139,20 @@ class Sweeper:
             return
         ctx = self.ctx
         with self._scope():
-            try:
-                ctx.domains.audit.link(ctx.clock())
-            except Exception as exc:
-                log.error("sweep step failed", extra={"event": "sweep_failed", "error": type(exc).__name__})
+            _run(lambda: ctx.domains.audit.link(ctx.clock()))
 
     def start(self) -> None:
         if self._thread is not None:
             return
         interval = self.ctx.settings.sweep_interval_ms / 1000
-        tick = min(interval, LINK_INTERVAL_S)
+        # Wake ``ticks`` times a period, at most ``LINK_INTERVAL_S`` apart: the last wake sweeps.
+        ticks = max(1, math.ceil(interval / LINK_INTERVAL_S))
 
         def loop() -> None:
-            since = 0.0
-            while not self._stop.wait(tick):
-                since += tick
-                if since >= interval:
-                    since = 0.0
+            woken = 0
+            while not self._stop.wait(interval / ticks):
+                woken += 1
+                if woken % ticks == 0:
                     self.run_once()
                 else:
                     self.link_audit()
