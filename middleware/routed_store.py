@@ -18,6 +18,9 @@
   off the request path (``middleware.shadow``).
 * Atomic operations (reserve, compare-and-set, increment, locks, trims) are
   decided by the authoritative backend; their effect is mirrored to the other.
+* A ``#local:`` key (``relay.stores.keys.backend_local``: the audit linking
+  watermark) describes its backend alone: it is written and read on the
+  authoritative backend only, never mirrored, shadow-read or copied.
 
 With memory the only backend configured (no Redis), a call goes straight to it.
 Every backend call is timed and reported to the ``StoreObserver``.
@@ -45,6 +48,7 @@ from middleware.writeback import (
     undo,
 )
 from relay.stores.base import Claim, CounterGuard, Op, Store, StoreError, StoreUnavailable
+from relay.stores.keys import backend_local
 
 T = TypeVar("T")
 
@@ -258,6 +262,8 @@ class RoutedStore(Store):
               keys: Sequence[str] = ()) -> T:
         if self._alone:
             return self._call(self._auth, op, fn)
+        if backend_local(shadow_key):
+            return self._read_local(op, fn)
         if self._reader_falls_back and self._refuses(self._reader):
             return self._serve_refused(self._reader, op, "read", fn)
         try:
@@ -293,7 +299,7 @@ class RoutedStore(Store):
                     self._observer.secondary_skipped(self.domain, op)
                 raise
             return self._write_fallback(op, fn, keys)
-        if self._secondary is not None:
+        if self._secondary is not None and not any(backend_local(key) for key in keys):
             try:
                 mirrored = fn if mirror is None else (lambda s: mirror(s, result))
                 self._call(self._secondary, op, self._prepared(self._secondary, keys, mirrored))
@@ -303,6 +309,18 @@ class RoutedStore(Store):
                     repair = REPAIR_REDIS if self._secondary.backend_name == "redis" else REPAIR_MEMORY
                     self._journal.record(self.domain, keys, repair)
         return result
+
+    def _read_local(self, op: str, fn: Callable[[Store], T]) -> T:
+        """A ``#local:`` key is written to the authoritative backend alone (``_write``): it is read
+        there too, whichever backend serves the other reads, and falls back as writes do."""
+        if self._auth_falls_back and self._refuses(self._auth):
+            return self._serve_refused(self._auth, op, "read", fn)
+        try:
+            return self._call(self._auth, op, fn)
+        except StoreError:
+            if not self._auth_falls_back:
+                raise
+            return self._read_fallback(op, fn)
 
     def _read_fallback(self, op: str, fn: Callable[[Store], T]) -> T:
         """The reader failed ``op`` and this domain may fall back: read memory."""

@@ -37,6 +37,7 @@ from middleware.observer import StoreObserver
 from relay.locks import compute_lock
 from relay.stores.base import Store, StoreError
 from relay.stores.envelope import raw_updated_at_ms
+from relay.stores.keys import backend_local
 
 log = logging.getLogger("relay.store")
 
@@ -54,7 +55,7 @@ def _is_index(key: str) -> bool:
 
 def _stays(key: str) -> bool:
     """A lock, or a ``#local:`` key: meaningful only on the backend that holds it."""
-    return ":#lock%3A" in key or ":#local%3A" in key
+    return ":#lock%3A" in key or backend_local(key)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from functools import lru_cache
+from typing import Optional
 
 MAX_ESCAPED_ID = 200
 #: How many escaped ids are remembered.
@@ -89,6 +90,16 @@ class KeySpace:
     def index_key(self, domain: str, name: str, colocated: bool = False) -> str:
         """A domain-wide structure (sorted index, lock). ``#`` cannot appear in escaped ids."""
         return self.prefix(domain, colocated) + "#" + escape_id(name)
+
+
+#: Marks a domain-wide key that describes only the backend holding it (``index_key("local:...")``):
+#: routing writes it to the authoritative backend alone, and copies between backends leave it.
+LOCAL_MARK = ":#local%3A"
+
+
+def backend_local(key: Optional[str]) -> bool:
+    """Whether ``key`` is a ``#local:`` key (``LOCAL_MARK``)."""
+    return key is not None and LOCAL_MARK in key
 
 
 #: ``escape_id`` in Lua, for scripts that derive a record key from an index member. Returns ``nil``

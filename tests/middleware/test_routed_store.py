@@ -99,6 +99,24 @@ def test_dual_write_mirrors_to_redis_and_reads_memory(rig: Rig) -> None:
     assert store.get(PREFIX + "a") is not None  # reads stay on memory
 
 
+@pytest.mark.parametrize("phase, changes", [("dual-write", {}), ("redis-read", {}), ("shadow", {}),
+                                             ("dual-write", {"read_preference": "redis"})])
+def test_a_local_key_is_written_and_read_on_the_authoritative_backend_alone(
+        rig: Rig, phase: str, changes: dict[str, str]) -> None:
+    """A ``#local:`` key (the audit linking watermark) vouches for its own backend: mirrored, it
+    would vouch on the other for links that backend never made. It is read where it is written,
+    also where the other reads go elsewhere."""
+    store = rig.routed(phase, **changes)
+    local, shared = PREFIX + "#local%3Alinked", PREFIX + "#updated"
+    store.index_add(local, {"through": 5000.0})
+    store.index_add(shared, {"c1": 5000.0})
+    authority, other = ((rig.memory, rig.redis) if PRESETS[phase].backend == "memory"
+                        else (rig.redis, rig.memory))
+    assert authority.index_range(local) == [("through", 5000.0)] and other.index_range(local) == []
+    assert other.index_range(shared) == [("c1", 5000.0)]
+    assert store.index_range(local) == [("through", 5000.0)]
+
+
 def test_failed_secondary_write_is_counted_and_never_fails_the_caller(rig: Rig) -> None:
     store = rig.routed("dual-write")
     rig.server.stop()
