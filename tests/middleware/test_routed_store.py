@@ -117,6 +117,22 @@ def test_a_local_key_is_written_and_read_on_the_authoritative_backend_alone(
     assert store.index_range(local) == [("through", 5000.0)]
 
 
+def test_a_local_key_falls_back_to_memory_with_its_writes_and_stays_there(rig: Rig) -> None:
+    """Redis down in ``rampdown``: the watermark is written and read on memory, and the write-back
+    carries the index written beside it to Redis, not the watermark."""
+    store = rig.routed("rampdown")
+    local, shared = PREFIX + "#local%3Alinked", PREFIX + "#updated"
+    rig.server.stop()
+    store.index_add(local, {"through": 5000.0})
+    store.index_add(shared, {"c1": 5000.0})
+    assert store.index_range(local) == [("through", 5000.0)]
+    assert rig.memory.index_range(local) == [("through", 5000.0)]
+    rig.server.start()
+    rig.reconciler.run_once()
+    assert rig.redis.index_range(shared) == [("c1", 5000.0)]
+    assert rig.redis.index_range(local) == []
+
+
 def test_failed_secondary_write_is_counted_and_never_fails_the_caller(rig: Rig) -> None:
     store = rig.routed("dual-write")
     rig.server.stop()
