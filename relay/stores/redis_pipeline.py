@@ -162,8 +162,12 @@ class Connections:
             connection = self._idle.pop()
         except IndexError:
             return self.pool.get_connection()
+        parser = connection._parser
         try:
-            ready = connection.is_connected and not connection._parser.can_read()
+            # A connection of the relay's own is asked its parser directly; another (a client given to
+            # ``RedisStore.from_client``, fakeredis's) through redis-py's API, which its class may define.
+            ready = connection.is_connected and not (
+                parser.can_read() if isinstance(parser, ReadinessParser) else connection.can_read())
         except (redis.ConnectionError, OSError):  # the parser read EOF, or the socket failed
             ready = False
         if not ready:
