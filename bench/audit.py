@@ -110,7 +110,7 @@ class _Subject:
         self.fill_s = time.monotonic() - started
         started = time.monotonic()
         with self.router.bound():
-            self.index.link(START_MS + size + audit.LINK_LAG_MS + 1)
+            self.index.link(START_MS + size + 1)
         self.link_s = time.monotonic() - started
         self.appends: list[float] = []
         self.listing: list[float] = []

@@ -449,10 +449,21 @@ class RoutedStore(Store):
 
     # -- compound operations ------------------------------------------------------------------------
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
-                         record_prefix: str) -> list[str]:
+                         record_prefix: str, watermark: Optional[str] = None) -> list[str]:
         members = dict(members)
         return self._write("index_add_capped",
-                           lambda s: s.index_add_capped(key, members, max_size, record_prefix), keys=[key])
+                           lambda s: s.index_add_capped(key, members, max_size, record_prefix, watermark),
+                           keys=[key])
+
+    # -- watermarks: ``#local:`` keys, each call whole on the authoritative backend -----------------
+    def watermark_lower(self, key: str, score: float) -> None:
+        self._write("watermark_lower", lambda s: s.watermark_lower(key, score), keys=[key])
+
+    def watermark_begin(self, key: str, upto: float) -> Optional[float]:
+        return self._write("watermark_begin", lambda s: s.watermark_begin(key, upto), keys=[key])
+
+    def watermark_end(self, key: str, upto: float) -> Optional[float]:
+        return self._write("watermark_end", lambda s: s.watermark_end(key, upto), keys=[key])
 
     def guarded_reserve(self, guard: CounterGuard, key: str, value: str, ttl_ms: Optional[int] = None,
                         counter: Optional[Store] = None) -> tuple[int, bool]:

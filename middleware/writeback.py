@@ -22,7 +22,8 @@ merged (union). Counters (rate-limit windows) and locks are not copied: they are
 short-lived and only meaningful on the backend that decided them. Nor are keys
 named ``#local:...`` (the audit records' linking watermark): each vouches for
 what its own backend holds, and a copy would vouch for records the target never
-had linked.
+had linked. Members copied into an index with a watermark lower it, as any
+write below it does (``Store.watermark_lower``).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from middleware.observer import StoreObserver
 from relay.locks import compute_lock
 from relay.stores.base import Store, StoreError
 from relay.stores.envelope import raw_updated_at_ms
-from relay.stores.keys import backend_local
+from relay.stores.keys import backend_local, watermark_key
 
 log = logging.getLogger("relay.store")
 
@@ -88,6 +89,13 @@ def forget(at_ms: int) -> Task:
     return Task("", "redis", FORGET, at_ms=at_ms)
 
 
+def _lower_watermark(target: Store, key: str, added: Mapping[str, float]) -> None:
+    """Members just copied into ``target``'s index ``key`` may lie below the watermark kept over that
+    index there (``relay.stores.keys.watermark_key``), which then no longer vouches for them."""
+    if added:
+        target.watermark_lower(watermark_key(key), min(added.values()))
+
+
 def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -> str:
     """Copy one key from ``source`` to ``target`` unless the target holds a newer value."""
     if _stays(key):
@@ -95,7 +103,9 @@ def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -
     if _is_index(key):
         members = dict(source.index_range(key))
         if members:
+            present = dict(target.index_range(key))
             target.index_add(key, members)
+            _lower_watermark(target, key, {m: s for m, s in members.items() if present.get(m) != s})
         return WRITTEN if members else SKIPPED
     value = source.get(key)
     if value is None:
@@ -134,6 +144,7 @@ def sync_key(source: Store, target: Store, key: str) -> str:
         missing = {m: s for m, s in wanted.items() if present.get(m) != s}
         if missing:
             target.index_add(key, missing)
+            _lower_watermark(target, key, missing)
         return WRITTEN if extra or missing else SKIPPED
     current = target.get(key)
     if source.get(key) is not None:

@@ -31,12 +31,6 @@ INDEX = "updated"
 PAGE = 200
 #: The fields ``/audit/recent`` filters on; each value has an index of its records (``value_index``).
 FILTER_FIELDS = ("userId", "machineId", "status")
-#: A one-member index whose score is the watermark of ``AuditIndex.link``. ``local:`` keeps it on its
-#: backend (``middleware.writeback`` copies no such key): it vouches for that backend's value indexes.
-LINKED = "local:linked"
-LINKED_MEMBER = "through"
-#: How far behind the clock ``link`` stays.
-LINK_LAG_MS = 5_000
 #: An audit record as stored (``RECORD_KEYS``).
 Record = dict[str, Any]
 
@@ -197,8 +191,10 @@ class AuditIndex:
         return claimed if written else None
 
     def _index_later(self, store: DomainStore, record: Record) -> None:
-        """The record's index entry, sent with the unit of work's next round trip (its write's)."""
-        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True)
+        """The record's index entry, sent with the unit of work's next round trip (its write's). An
+        entry at or below the linking watermark lowers it (``link``)."""
+        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True,
+                               watermarked=True)
 
     def retract(self, opened: dict[str, Any], early: dict[str, Any], replacement: dict[str, Any]) -> bool:
         """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a
@@ -301,7 +297,7 @@ class AuditIndex:
         decoded (``stored_form``). Up to the linked watermark (``link``), only those in the index of
         one wanted value are read; above it, and everywhere when nothing was linked yet, all are."""
         needles = [needle for needle in map(stored_form, wanted.values()) if needle is not None]
-        through = self._linked_through()
+        through = self._store().watermark(INDEX)
         if through is None:
             yield from self._newest(PAGE, needles)
             return
@@ -310,20 +306,24 @@ class AuditIndex:
         yield from self._newest(PAGE, needles, index=value_index(name, value), max_score=through)
 
     def link(self, now_ms: int, page_size: int = PAGE) -> int:
-        """Add the records updated since the last call, up to ``LINK_LAG_MS`` before ``now_ms``, to the
-        index of each of their filter values (``value_index``), whoever wrote them, and move the
-        watermark to there; return how many records were read. The sweeps' leader calls it each
-        period. Two calls at once are safe: each moves the watermark only past what it linked, and a
-        watermark moved back only has records linked again. The lag covers clocks a little apart: a
-        record written later with an earlier time than the watermark would be in no value index."""
+        """Add the records updated since the last call, up to ``now_ms``, to the index of each of their
+        filter values (``value_index``), whoever wrote them, and move the watermark of ``#updated`` to
+        there; return how many records were read. The sweeps' leader calls it every few seconds.
+
+        The watermark (``Store.watermark_begin``) never vouches for a record it did not see linked:
+        a record written meanwhile at or below the pass's ``now_ms`` (its writer's clock behind, a
+        write delayed, a record copied back after an outage) lowers it as it is written, so the pass
+        ends below that record and the next one links it. Two calls at once are safe: the later one
+        to begin moves the watermark, the other moves nothing."""
         store = self._store()
-        through = self._linked_through()
-        upto = float(now_ms - LINK_LAG_MS)
+        upto = float(now_ms)
+        through = store.watermark(INDEX)
         if through is not None and through >= upto:
             return 0
+        low = store.watermark_begin(INDEX, upto)
+        low = None if low is None else low + 0.5
         linked = 0
         touched: set[str] = set()
-        low = None if through is None else through + 0.5
         done: set[str] = set()
         while True:
             page = store.index_range(INDEX, limit=page_size, newest_first=False, min_score=low, max_score=upto)
@@ -343,8 +343,8 @@ class AuditIndex:
         # Each index added to keeps at most ``max_records``: what it drops left ``#updated`` before.
         for index in touched:
             store.defer_index_trim(index, self.max_records)
-        store.defer_index_add(LINKED, {LINKED_MEMBER: upto})
         store.flush()
+        store.watermark_end(INDEX, upto)
         return linked
 
     @staticmethod
@@ -376,11 +376,6 @@ class AuditIndex:
         store.flush()
         touched.update(members)
         return len(entries)
-
-    def _linked_through(self) -> Optional[float]:
-        """The watermark ``link`` left: every record at or below it is in its value indexes."""
-        mark = self._store().index_range(LINKED, limit=1)
-        return mark[0][1] if mark else None
 
     def count(self) -> int:
         return self._store().index_count(INDEX)

@@ -14,6 +14,8 @@ Semantics every backend keeps (the contract suite in ``tests/stores`` checks the
   ``ValueTooLarge``/``TypeError`` is raised before any write.
 * Counters (``incr``), locks and sorted indexes are native types, not
   envelopes; a key holds one kind of thing only.
+* A watermark (``watermark_begin``) is a sorted index of its own, kept over
+  another index by whoever works through that index in score order.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ from typing import Any, NamedTuple, Optional
 from relay.stores.keys import escape_id
 
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+
+#: A watermark's members: every member of its index scored at or below ``THROUGH`` was worked
+#: through; a pass up to ``TARGET`` is under way; ``LATE`` is the lowest score added to the index at
+#: or below either since (``Store.watermark_lower``), which the watermark no longer vouches for.
+THROUGH, TARGET, LATE = "through", "target", "late"
 
 
 class StoreError(Exception):
@@ -84,6 +91,30 @@ class CounterGuard:
     amount: int
     ttl_ms: Optional[int]
     limit: int
+
+
+def vouched(marks: Mapping[str, float]) -> Optional[float]:
+    """What a watermark's members vouch for (``THROUGH`` below the lowest ``LATE`` score)."""
+    through = marks.get(THROUGH)
+    late = marks.get(LATE)
+    if through is None or late is None:
+        return through
+    return min(through, late - 0.5)
+
+
+def lowered(marks: Mapping[str, float], score: float) -> Optional[float]:
+    """The watermark's new ``LATE`` score once members were added at ``score``; ``None``: unchanged."""
+    top = max((marks[name] for name in (THROUGH, TARGET) if name in marks), default=None)
+    if top is None or score > top:
+        return None
+    late = marks.get(LATE)
+    return score if late is None or score < late else None
+
+
+def ended(marks: Mapping[str, float], upto: float) -> float:
+    """``THROUGH`` at the end of the pass up to ``upto``."""
+    late = marks.get(LATE)
+    return upto if late is None else min(upto, late - 0.5)
 
 
 class Claim(NamedTuple):
@@ -262,10 +293,14 @@ class Store(abc.ABC):
             self.index_add(key, members)
 
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
-                         record_prefix: str) -> list[str]:
+                         record_prefix: str, watermark: Optional[str] = None) -> list[str]:
         """``index_add``, then ``index_trim`` to ``max_size`` and delete the records of the dropped
-        members (``record_prefix + escape_id(member)``); return the dropped members."""
+        members (``record_prefix + escape_id(member)``); return the dropped members. With
+        ``watermark`` (the key of the index's watermark), ``watermark_lower`` it to the lowest score
+        added, after the add."""
         self.index_add(key, members)
+        if watermark is not None and members:
+            self.watermark_lower(watermark, min(members.values()))
         dropped = self.index_trim(key, max_size)
         if dropped:
             self.delete(*(record_prefix + escape_id(m) for m in dropped))
@@ -299,6 +334,52 @@ class Store(abc.ABC):
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         """Run ``ops`` in order and return their results (one round trip on Redis; not atomic)."""
         return [op.run(self) for op in ops]
+
+    # -- watermarks -------------------------------------------------------------------------------
+    # A process that works through an index in score order (the audit records' linking) keeps a
+    # watermark over it: what it has worked through. Scores are whole numbers (milliseconds). Members
+    # may be added at any score, also below the watermark (a writer whose clock is behind, a record
+    # copied back after an outage): each such add is remembered (``watermark_lower``), and the
+    # watermark vouches only for what lies below it. So a pass never has to stay behind the clock
+    # for the writers' sake: ``watermark_begin``, work through ``(start, upto]``, ``watermark_end``.
+    # Backends make each call atomic; these versions, built on the index calls, are not.
+    def watermark(self, key: str) -> Optional[float]:
+        """The score at or below which every member of the watched index was worked through; ``None``
+        before the first pass ended."""
+        return vouched(dict(self.index_range(key)))
+
+    def watermark_lower(self, key: str, score: float) -> None:
+        """Members were just added at ``score`` or above: when that is at or below what the watermark
+        vouches for or a pass is bringing it to, it no longer vouches for ``score``."""
+        late = lowered(dict(self.index_range(key)), score)
+        if late is not None:
+            self.index_add(key, {LATE: late})
+
+    def watermark_begin(self, key: str, upto: float) -> Optional[float]:
+        """Start a pass up to ``upto``: return the score to work from (exclusive; ``None``: from the
+        lowest), what the watermark vouches for now, and remember ``upto`` as the pass's target. The
+        late score is then the pass's to work through, unless another pass is under way (or was cut
+        short): that one's late scores stay, and hold back whichever pass ends."""
+        marks = dict(self.index_range(key))
+        start = vouched(marks)
+        if start is not None:
+            self.index_add(key, {THROUGH: start})
+        if TARGET not in marks:
+            self.index_remove(key, [LATE])
+        self.index_add(key, {TARGET: upto})
+        return start
+
+    def watermark_end(self, key: str, upto: float) -> Optional[float]:
+        """End the pass begun with ``upto``: the watermark moves to ``upto``, or only to below the
+        lowest score added late meanwhile. A pass another began since moves nothing. Returns what the
+        watermark vouches for now."""
+        marks = dict(self.index_range(key))
+        if marks.get(TARGET) != upto:
+            return vouched(marks)
+        through = ended(marks, upto)
+        self.index_add(key, {THROUGH: through})
+        self.index_remove(key, [TARGET, LATE])
+        return through
 
     # -- units of work (``middleware.unit_of_work``); plain stores run everything at once --------
     def prefetch(self, keys: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from relay.stores.base import Claim, CounterGuard, Op, Store
 from relay.stores.envelope import Entry, EnvelopeError, EnvelopeSchema, iso_ms
-from relay.stores.keys import KeySpace, escape_id
+from relay.stores.keys import KeySpace, escape_id, watermark_key
 
 log = logging.getLogger("relay.stores")
 
@@ -316,12 +316,25 @@ class DomainStore:
         return self.store.index_trim(self.index_key(index), max_size)
 
     def index_add_capped(self, index: str, members: Mapping[str, float], max_size: int,
-                         defer: bool = False) -> list[str]:
+                         defer: bool = False, watermarked: bool = False) -> list[str]:
         """``index_add``, then drop the lowest-scored members beyond ``max_size`` together with their
         records (one round trip on Redis); return them. With ``defer`` the call is sent with the unit
-        of work's next round trip and returns nothing."""
-        op = Op("index_add_capped", (self.index_key(index), dict(members), max_size, self._prefix))
+        of work's next round trip and returns nothing. ``watermarked``: the index has a watermark
+        (``watermark_begin``), which the members added may lower."""
+        key = self.index_key(index)
+        op = Op("index_add_capped", (key, dict(members), max_size, self._prefix,
+                                     watermark_key(key) if watermarked else None))
         if defer:
             self.store.defer(op)
             return []
         return self.store.index_add_capped(*op.args)
+
+    # -- watermarks (``Store.watermark_begin``) ---------------------------------------------------
+    def watermark(self, index: str) -> Optional[float]:
+        return self.store.watermark(watermark_key(self.index_key(index)))
+
+    def watermark_begin(self, index: str, upto: float) -> Optional[float]:
+        return self.store.watermark_begin(watermark_key(self.index_key(index)), upto)
+
+    def watermark_end(self, index: str, upto: float) -> Optional[float]:
+        return self.store.watermark_end(watermark_key(self.index_key(index)), upto)

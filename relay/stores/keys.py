@@ -102,6 +102,13 @@ def backend_local(key: Optional[str]) -> bool:
     return key is not None and LOCAL_MARK in key
 
 
+def watermark_key(index_key: str) -> str:
+    """The watermark kept over the index ``index_key`` (``Store.watermark_begin``): the ``#local:`` key
+    ``#local:watermark.<name>`` beside it, in the same hash slot."""
+    head, _, name = index_key.rpartition(":#")
+    return head + LOCAL_MARK + "watermark." + name
+
+
 #: ``escape_id`` in Lua, for scripts that derive a record key from an index member. Returns ``nil``
 #: where ``escape_id`` would hash the id (Redis Lua has no SHA-256); the caller handles those ids.
 LUA_ESCAPE_ID = """

@@ -17,12 +17,18 @@ from sortedcontainers import SortedList
 from relay.locks import compute_lock
 from relay.stores.base import (
     DEFAULT_MAX_VALUE_BYTES,
+    LATE,
+    TARGET,
+    THROUGH,
     Store,
     StoreError,
+    ended,
+    lowered,
     validate_limit,
     validate_lock_ttl,
     validate_ttl,
     validate_value,
+    vouched,
 )
 
 Clock = Callable[[], float]
@@ -338,6 +344,41 @@ class MemoryStore(Store):
             if not index.scores:
                 self._data.pop(key, None)
             return victims
+
+    # -- watermarks: each call under the lock, so no pass or writer comes between its steps ----
+    def watermark_lower(self, key: str, score: float) -> None:
+        with self._lock:
+            index = self._index(key, self._begin())
+            if index is None:
+                return
+            late = lowered(index.scores, float(score))
+            if late is not None:
+                index.add(LATE, late)
+
+    def watermark_begin(self, key: str, upto: float) -> Optional[float]:
+        with self._lock:
+            index = self._index(key, self._begin(), create=True)
+            assert index is not None
+            start = vouched(index.scores)
+            if start is not None:
+                index.add(THROUGH, start)
+            if TARGET not in index.scores:
+                index.remove(LATE)
+            index.add(TARGET, float(upto))
+            return start
+
+    def watermark_end(self, key: str, upto: float) -> Optional[float]:
+        with self._lock:
+            index = self._index(key, self._begin())
+            if index is None:
+                return None
+            if index.scores.get(TARGET) != upto:
+                return vouched(index.scores)
+            through = ended(index.scores, float(upto))
+            index.add(THROUGH, through)
+            index.remove(TARGET)
+            index.remove(LATE)
+            return through
 
     # -- introspection used by backfill and tests ---------------------------------------------
     def scan_keys(self, prefix: str) -> list[str]:

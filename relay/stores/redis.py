@@ -162,11 +162,70 @@ return victims
 """
 
 
-# KEYS[1] the index; ARGV: max_size, record_prefix, then member/score pairs. Adds, trims the lowest
-# beyond max_size and deletes their records; returns {dropped, dropped whose key needs a hash}.
-_INDEX_ADD_CAPPED = LUA_ESCAPE_ID + """
+# ``Store.watermark_lower`` in Lua: the watermark ``mark`` no longer vouches for ``score``.
+_LUA_WATERMARK_LOWER = """
+local function watermark_lower(mark, score)
+  local top = tonumber(redis.call('ZSCORE', mark, 'through'))
+  local target = tonumber(redis.call('ZSCORE', mark, 'target'))
+  if target and (not top or target > top) then top = target end
+  if not top or score > top then return end
+  local late = tonumber(redis.call('ZSCORE', mark, 'late'))
+  if not late or score < late then redis.call('ZADD', mark, score, 'late') end
+end
+"""
+
+# What a watermark's members vouch for, in Lua (``relay.stores.base.vouched``).
+_LUA_VOUCHED = """
+local function vouched(mark)
+  local through = tonumber(redis.call('ZSCORE', mark, 'through'))
+  local late = tonumber(redis.call('ZSCORE', mark, 'late'))
+  if through and late and late - 0.5 < through then return late - 0.5 end
+  return through
+end
+"""
+
+# KEYS[1] the watermark; ARGV[1] the lowest score just added.
+_WATERMARK_LOWER = _LUA_WATERMARK_LOWER + """
+watermark_lower(KEYS[1], tonumber(ARGV[1]))
+return 0
+"""
+
+# KEYS[1] the watermark; ARGV[1] the pass's upto. Returns the start (a string: Lua numbers come back
+# as integers) or false.
+_WATERMARK_BEGIN = _LUA_VOUCHED + """
+local start = vouched(KEYS[1])
+if start then redis.call('ZADD', KEYS[1], start, 'through') end
+if not redis.call('ZSCORE', KEYS[1], 'target') then redis.call('ZREM', KEYS[1], 'late') end
+redis.call('ZADD', KEYS[1], ARGV[1], 'target')
+return start and string.format('%.17g', start)
+"""
+
+# KEYS[1] the watermark; ARGV[1] the pass's upto. Returns what the watermark vouches for (a string) or false.
+_WATERMARK_END = _LUA_VOUCHED + """
+local upto = tonumber(ARGV[1])
+if tonumber(redis.call('ZSCORE', KEYS[1], 'target')) == upto then
+  local late = tonumber(redis.call('ZSCORE', KEYS[1], 'late'))
+  local through = upto
+  if late and late - 0.5 < through then through = late - 0.5 end
+  redis.call('ZADD', KEYS[1], through, 'through')
+  redis.call('ZREM', KEYS[1], 'target', 'late')
+end
+local now = vouched(KEYS[1])
+return now and string.format('%.17g', now)
+"""
+
+# KEYS[1] the index, KEYS[2] its watermark (optional); ARGV: max_size, record_prefix, then member/score
+# pairs. Adds, lowers the watermark to the lowest score added, trims the lowest beyond max_size and
+# deletes their records; returns {dropped, dropped whose key needs a hash}.
+_INDEX_ADD_CAPPED = LUA_ESCAPE_ID + _LUA_WATERMARK_LOWER + """
 local key = KEYS[1]
-for i = 3, #ARGV, 2 do redis.call('ZADD', key, ARGV[i + 1], ARGV[i]) end
+local low
+for i = 3, #ARGV, 2 do
+  redis.call('ZADD', key, ARGV[i + 1], ARGV[i])
+  local score = tonumber(ARGV[i + 1])
+  if not low or score < low then low = score end
+end
+if KEYS[2] and low then watermark_lower(KEYS[2], low) end
 local excess = redis.call('ZCARD', key) - tonumber(ARGV[1])
 if excess <= 0 then return {{}, {}} end
 local victims = redis.call('ZRANGE', key, 0, excess - 1)
@@ -273,6 +332,9 @@ class _Bound:
     extend_lock: Script
     index_trim: Script
     compare_and_set_then_claim: Script
+    watermark_lower: Script
+    watermark_begin: Script
+    watermark_end: Script
 
 
 @dataclass(frozen=True)
@@ -542,6 +604,9 @@ class RedisStore(Store):
             extend_lock=client.register_script(_EXTEND_LOCK),
             index_trim=client.register_script(_INDEX_TRIM),
             compare_and_set_then_claim=client.register_script(_COMPARE_AND_SET_THEN_CLAIM),
+            watermark_lower=client.register_script(_WATERMARK_LOWER),
+            watermark_begin=client.register_script(_WATERMARK_BEGIN),
+            watermark_end=client.register_script(_WATERMARK_END),
         )
 
     # -- running one operation -----------------------------------------------------------------
@@ -751,9 +816,21 @@ class RedisStore(Store):
             self.execute([Op("index_add_each", (dict(adds),))])
 
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
-                         record_prefix: str) -> list[str]:
-        (result,) = self.execute([Op("index_add_capped", (key, members, max_size, record_prefix))])
+                         record_prefix: str, watermark: Optional[str] = None) -> list[str]:
+        (result,) = self.execute([Op("index_add_capped", (key, members, max_size, record_prefix, watermark))])
         return result
+
+    # -- watermarks (one script each) -------------------------------------------------------------
+    def watermark_lower(self, key: str, score: float) -> None:
+        self._run(lambda b: b.watermark_lower(keys=[key], args=[repr(float(score))]), idempotent=True)
+
+    def watermark_begin(self, key: str, upto: float) -> Optional[float]:
+        start = self._run(lambda b: b.watermark_begin(keys=[key], args=[repr(float(upto))]), idempotent=True)
+        return None if start is None else float(start)
+
+    def watermark_end(self, key: str, upto: float) -> Optional[float]:
+        through = self._run(lambda b: b.watermark_end(keys=[key], args=[repr(float(upto))]), idempotent=True)
+        return None if through is None else float(through)
 
     def guarded_reserve(self, guard: CounterGuard, key: str, value: str, ttl_ms: Optional[int] = None,
                         counter: Optional[Store] = None) -> tuple[int, bool]:
@@ -914,12 +991,13 @@ class RedisStore(Store):
             return _Queued(("EVAL", _INDEX_ADD_EACH, len(adds), *adds, *argv) if adds else ("ECHO", "0"),
                            _nothing, True)
         if name == "index_add_capped":
-            key, members, max_size, record_prefix = args
+            key, members, max_size, record_prefix, watermark = _pad(args, 5)
             max_size = _check_max_size(max_size)
             argv: list[Any] = [max_size, record_prefix]
             for member, score in members.items():
                 argv += [str(member), repr(float(score))]
-            return _Queued(("EVAL", _INDEX_ADD_CAPPED, 1, key, *argv), lambda r: (list(r[0]), list(r[1])), True)
+            keys = (1, key) if watermark is None else (2, key, watermark)
+            return _Queued(("EVAL", _INDEX_ADD_CAPPED, *keys, *argv), lambda r: (list(r[0]), list(r[1])), True)
         if name == "guarded_reserve":
             guard, key, value, ttl_ms = _pad(args, 4)
             ttl_ms = validate_ttl(ttl_ms)

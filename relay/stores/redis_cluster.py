@@ -106,10 +106,10 @@ class RedisClusterStore(RedisStore):
         return super().index_add_each(adds)
 
     def index_add_capped(self, key: str, members: Mapping[str, float], max_size: int,
-                         record_prefix: str) -> list[str]:
-        if self._slot_of(Op("index_add_capped", (key, members, max_size, record_prefix))) is None:
-            return Store.index_add_capped(self, key, members, max_size, record_prefix)
-        return super().index_add_capped(key, members, max_size, record_prefix)
+                         record_prefix: str, watermark: Optional[str] = None) -> list[str]:
+        if self._slot_of(Op("index_add_capped", (key, members, max_size, record_prefix, watermark))) is None:
+            return Store.index_add_capped(self, key, members, max_size, record_prefix, watermark)
+        return super().index_add_capped(key, members, max_size, record_prefix, watermark)
 
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         """``ops`` in order: runs of operations on one node share a pipeline (see the module docstring)."""
@@ -132,11 +132,11 @@ class RedisClusterStore(RedisStore):
 
     def _slot_of(self, op: Op) -> Optional[int]:
         """The one slot of every key ``op`` touches, or ``None`` (no keys, several slots, or the
-        records an ``index_add_capped`` may delete lie outside the index's slot)."""
+        records an ``index_add_capped`` may delete or its watermark lie outside the index's slot)."""
         client: RedisCluster = self._client()
         keys = op.keys()
         if op.name == "index_add_capped":
-            keys = (*keys, op.args[3])
+            keys = (*keys, *(arg for arg in op.args[3:5] if arg is not None))
         slots = {client.keyslot(key) for key in keys}
         return slots.pop() if len(slots) == 1 else None
 

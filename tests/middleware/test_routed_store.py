@@ -18,7 +18,7 @@ from middleware.writeback import Reconciler, WriteBackJournal, copy_newer, sync_
 from relay.domains import idempotency
 from relay.stores.base import StoreError, StoreUnavailable
 from relay.stores.envelope import iso_ms
-from relay.stores.keys import KeySpace
+from relay.stores.keys import KeySpace, watermark_key
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from tests.support.redisproc import RedisServer
@@ -107,7 +107,8 @@ def test_a_local_key_is_written_and_read_on_the_authoritative_backend_alone(
     would vouch on the other for links that backend never made. It is read where it is written,
     also where the other reads go elsewhere."""
     store = rig.routed(phase, **changes)
-    local, shared = PREFIX + "#local%3Alinked", PREFIX + "#updated"
+    shared = PREFIX + "#updated"
+    local = watermark_key(shared)
     store.index_add(local, {"through": 5000.0})
     store.index_add(shared, {"c1": 5000.0})
     authority, other = ((rig.memory, rig.redis) if PRESETS[phase].backend == "memory"
@@ -121,7 +122,8 @@ def test_a_local_key_falls_back_to_memory_with_its_writes_and_stays_there(rig: R
     """Redis down in ``rampdown``: the watermark is written and read on memory, and the write-back
     carries the index written beside it to Redis, not the watermark."""
     store = rig.routed("rampdown")
-    local, shared = PREFIX + "#local%3Alinked", PREFIX + "#updated"
+    shared = PREFIX + "#updated"
+    local = watermark_key(shared)
     rig.server.stop()
     store.index_add(local, {"through": 5000.0})
     store.index_add(shared, {"c1": 5000.0})
@@ -263,7 +265,7 @@ def test_copy_never_overwrites_a_newer_target(rig: Rig) -> None:
 def test_a_local_key_is_neither_copied_nor_repaired(rig: Rig) -> None:
     """The audit linking watermark describes its own backend's value indexes: a copy would claim
     links the target never made."""
-    key = PREFIX + "#local%3Alinked"
+    key = watermark_key(PREFIX + "#updated")
     rig.memory.index_add(key, {"through": 5000.0})
     rig.redis.index_add(key, {"through": 1000.0})
     assert copy_newer(rig.memory, rig.redis, key) == "skipped"
@@ -271,6 +273,30 @@ def test_a_local_key_is_neither_copied_nor_repaired(rig: Rig) -> None:
     assert rig.redis.index_range(key) == [("through", 1000.0)]
     rig.reconciler.copy_domain("audit", "backfill")
     assert rig.redis.index_range(key) == [("through", 1000.0)]
+
+
+def test_index_members_copied_below_the_target_s_watermark_lower_it(rig: Rig) -> None:
+    """Records written back after an outage may be older than what the target's watermark vouches
+    for (another process linked the target meanwhile): the copy lowers it, so they are linked next."""
+    index = PREFIX + "#updated"
+    mark = watermark_key(index)
+
+    def linked_through(upto: float) -> None:
+        rig.redis.watermark_begin(mark, upto)
+        rig.redis.watermark_end(mark, upto)
+
+    rig.redis.index_add(index, {"linked": 900.0})
+    linked_through(1000)
+    rig.memory.index_add(index, {"linked": 900.0, "in-the-outage": 700.0, "later": 1200.0})
+    assert copy_newer(rig.memory, rig.redis, index) == "written"
+    assert rig.redis.watermark(mark) == 699.5
+    linked_through(2000)
+    rig.memory.index_add(index, {"repaired": 800.0})
+    assert sync_key(rig.memory, rig.redis, index) == "written"
+    assert rig.redis.watermark(mark) == 799.5
+    linked_through(3000)
+    assert copy_newer(rig.memory, rig.redis, index) == "written"  # nothing the target lacked
+    assert rig.redis.watermark(mark) == 3000.0
 
 
 # -- switching plans through the router ------------------------------------------------------------

@@ -32,7 +32,7 @@ from middleware.routed_store import RoutedStore
 from relay.stores.base import DEFAULT_MAX_VALUE_BYTES, Claim, Op, Store, StoreError, StoreUnavailable, ValueTooLarge
 from relay.stores.domain import Domain, DomainStore
 from relay.stores.envelope import EnvelopeSchema
-from relay.stores.keys import MAX_ESCAPED_ID, KeySpace
+from relay.stores.keys import MAX_ESCAPED_ID, KeySpace, watermark_key
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
 from relay.stores.redis_cluster import RedisClusterStore
@@ -662,3 +662,77 @@ def test_lock_never_has_two_holders(backend: Backend) -> None:
 
     assert sum(race(THREADS, work)) == THREADS * per_thread
     assert violations == []
+
+
+# -- watermarks ----------------------------------------------------------------------------------
+WATCHED = "app:{audit}:#updated"
+MARK = watermark_key(WATCHED)
+
+
+def _full_pass(s: Store, upto: float) -> None:
+    s.watermark_begin(MARK, upto)
+    s.watermark_end(MARK, upto)
+
+
+def test_a_watermark_vouches_for_what_its_passes_worked_through(backend: Backend) -> None:
+    s = backend.store
+    assert s.watermark(MARK) is None
+    assert s.watermark_begin(MARK, 100) is None  # the first pass works from the lowest score
+    assert s.watermark(MARK) is None
+    assert s.watermark_end(MARK, 100) == 100.0
+    assert s.watermark(MARK) == 100.0
+    assert s.watermark_begin(MARK, 200) == 100.0
+    assert s.watermark_end(MARK, 200) == 200.0
+    assert s.watermark(MARK) == 200.0
+
+
+def test_an_add_at_or_below_the_watermark_lowers_it_and_one_above_does_not(backend: Backend) -> None:
+    s = backend.store
+    s.index_add_capped(WATCHED, {"early": 50.0}, 10, "app:{audit}:", MARK)
+    assert s.index_range(MARK) == []  # no watermark yet: nothing to lower, nothing made
+    _full_pass(s, 100)
+    s.index_add_capped(WATCHED, {"after": 101.0}, 10, "app:{audit}:", MARK)
+    assert s.watermark(MARK) == 100.0
+    s.index_add_capped(WATCHED, {"at": 100.0}, 10, "app:{audit}:", MARK)
+    assert s.watermark(MARK) == 99.5
+    s.index_add_capped(WATCHED, {"below": 60.0, "also": 80.0}, 10, "app:{audit}:", MARK)
+    s.index_add_capped(WATCHED, {"less-low": 70.0}, 10, "app:{audit}:", MARK)
+    assert s.watermark(MARK) == 59.5
+    s.watermark_lower(MARK, 40.0)
+    assert s.watermark(MARK) == 39.5
+    assert s.watermark_begin(MARK, 300) == 39.5  # the next pass works from below the late adds
+    assert s.watermark_end(MARK, 300) == 300.0
+    assert s.index_count(WATCHED) == 6
+
+
+def test_an_add_during_a_pass_at_or_below_its_target_holds_the_pass_back(backend: Backend) -> None:
+    s = backend.store
+    _full_pass(s, 100)
+    assert s.watermark_begin(MARK, 200) == 100.0
+    s.index_add_capped(WATCHED, {"above-the-pass": 201.0}, 10, "app:{audit}:", MARK)
+    s.index_add_capped(WATCHED, {"in-the-pass": 150.0}, 10, "app:{audit}:", MARK)
+    assert s.watermark(MARK) == 100.0  # the pass has not vouched for 150 yet
+    assert s.watermark_end(MARK, 200) == 149.5
+    assert s.watermark_begin(MARK, 300) == 149.5
+
+
+def test_a_pass_another_began_since_moves_nothing(backend: Backend) -> None:
+    s = backend.store
+    _full_pass(s, 100)
+    assert s.watermark_begin(MARK, 200) == 100.0
+    assert s.watermark_begin(MARK, 300) == 100.0
+    assert s.watermark_end(MARK, 200) == 100.0
+    assert s.watermark_end(MARK, 300) == 300.0
+
+
+def test_late_adds_during_a_pass_outlive_another_pass_s_begin(backend: Backend) -> None:
+    """Two passes to the same score: whichever ends first still stops below what was added late."""
+    s = backend.store
+    _full_pass(s, 100)
+    s.watermark_begin(MARK, 200)
+    s.watermark_lower(MARK, 150)
+    assert s.watermark_begin(MARK, 200) == 100.0
+    assert s.watermark_end(MARK, 200) == 149.5
+    assert s.watermark_end(MARK, 200) == 149.5
+    assert s.watermark_begin(MARK, 300) == 149.5
+    assert s.watermark_end(MARK, 300) == 300.0
