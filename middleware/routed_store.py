@@ -228,6 +228,9 @@ class RoutedStore(Store):
         if unit is not None:
             unit.flush()
 
+    def queues_deferred(self) -> bool:
+        return self.batching and current() is not None
+
     def _can_fall_back(self, backend: Store) -> bool:
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"
                 and self._memory is not None and backend is not self._memory)

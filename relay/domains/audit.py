@@ -24,6 +24,7 @@ from marshmallow import fields
 
 from middleware.routing import StoreProvider
 from relay.jsontext import parse
+from relay.stores.base import Op
 from relay.stores.domain import Claimable, Domain, DomainStore
 from relay.stores.envelope import Entry, EnvelopeSchema, parse_iso_ms
 
@@ -186,15 +187,23 @@ class AuditIndex:
         if new is None:
             return None
         store = self._store()
-        self._index_later(store, new)
-        written, claimed = store.write_then_claim(command_id, known, new, claimable)
+        written, claimed = store.write_then_claim(command_id, known, new, claimable, then=self._index_entry(store))
         return claimed if written else None
 
     def _index_later(self, store: DomainStore, record: Record) -> None:
-        """The record's index entry, sent with the unit of work's next round trip (its write's). An
-        entry at or below the linking watermark lowers it (``link``)."""
-        store.index_add_capped(INDEX, {record["commandId"]: _score(record)}, self.max_records, defer=True,
-                               watermarked=True)
+        """The index entry of a record whose write is deferred before it: sent after it, with the unit
+        of work's next round trip."""
+        store.defer(self._index_entry(store)(record))
+
+    def _index_entry(self, store: DomainStore) -> Callable[[Record], Op]:
+        """The write of a record's index entry, to follow the record's own write: a linking pass that
+        finds the entry then finds the record as written. An entry at or below the linking watermark
+        lowers it (``link``)."""
+        def entry(record: Record) -> Op:
+            return store.index_add_capped_op(INDEX, {record["commandId"]: _score(record)}, self.max_records,
+                                             watermarked=True)
+
+        return entry
 
     def retract(self, opened: dict[str, Any], early: dict[str, Any], replacement: dict[str, Any]) -> bool:
         """``opened`` (from ``open``) holds ``early``, an event that did not happen after all (a
@@ -213,22 +222,20 @@ class AuditIndex:
     def _update(self, command_id: str, change: Callable[[Optional[Record]], Optional[Record]],
                 claimable: Optional[Claimable] = None) -> tuple[bool, bool]:
         """Replace the record with ``change(record)`` (retried on a concurrent write), index it and
-        claim ``claimable`` once it is written. The index entry is deferred before each write, so
-        it rides with the write's round trip (an attempt that loses the race re-scores an entry
-        the next attempt scores again). Returns whether ``change`` added anything (``False`` when it
-        returned ``None``) and whether the claim succeeded."""
+        claim ``claimable`` once it is written. Each attempt's index entry follows its write, in the
+        write's round trip (an attempt that loses the race re-scores an entry the next attempt scores
+        again). Returns whether ``change`` added anything (``False`` when it returned ``None``) and
+        whether the claim succeeded."""
         store = self._store()
         added = False
 
-        def indexed(current: Optional[Record]) -> Optional[Record]:
+        def tracked(current: Optional[Record]) -> Optional[Record]:
             nonlocal added
             new = change(current)
             added = new is not None
-            if added:
-                self._index_later(store, new)
             return new
 
-        _, claimed = store.update_then_claim(command_id, indexed, claimable)
+        _, claimed = store.update_then_claim(command_id, tracked, claimable, then=self._index_entry(store))
         return added, claimed
 
     def get(self, command_id: str) -> Optional[dict[str, Any]]:

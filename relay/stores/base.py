@@ -395,6 +395,10 @@ class Store(abc.ABC):
     def flush(self) -> None:
         """Send the deferred writes of this unit of work now."""
 
+    def queues_deferred(self) -> bool:
+        """Whether ``defer`` queues a write for the unit of work's next round trip (else it writes at once)."""
+        return False
+
     # -- lifecycle --------------------------------------------------------------------
     def ping(self) -> bool:
         """``True`` when the backend answers."""

@@ -19,6 +19,8 @@ from relay.stores.keys import KeySpace, escape_id, watermark_key
 log = logging.getLogger("relay.stores")
 
 MissListener = Callable[[str, str], None]
+#: Builds, from a record about to be written, a plain write to follow it (``DomainStore.update_then_claim``).
+Then = Callable[[Any], Op]
 
 
 def wall_ms() -> int:
@@ -180,11 +182,13 @@ class DomainStore:
         claimable: Optional[Claimable],
         ttl_ms: Optional[int] = None,
         attempts: int = 16,
+        then: Optional[Then] = None,
     ) -> tuple[Optional[Any], bool]:
         """``update``, then ``claimable`` claimed, but only once the change is written: in the same
         call (``Store.compare_and_set_then_claim``, one round trip where both domains live on one
-        Redis), or on its own when ``change`` has nothing to write. Returns the record and whether
-        the claim succeeded (``False`` without ``claimable``)."""
+        Redis), or on its own when ``change`` has nothing to write. ``then(new)``: a plain write to
+        follow each attempt's write (``_compare_and_set_then_claim``). Returns the record and whether the claim succeeded
+        (``False`` without ``claimable``)."""
         key = self.key(id_)
         for _ in range(attempts):
             raw = self.store.get(key)
@@ -192,24 +196,38 @@ class DomainStore:
             new = change(None if entry is None else entry.data)
             if new is None:
                 return None if entry is None else entry.data, claimable is not None and claimable.take()
-            written, claimed = self._compare_and_set_then_claim(key, raw, new, ttl_ms, claimable)
+            written, claimed = self._compare_and_set_then_claim(key, raw, new, ttl_ms, claimable, then)
             if written:
                 return new, claimed
         raise CasConflict(f"{self.name}: update of {id_!r} kept losing the race")
 
     def write_then_claim(self, id_: str, expected: Entry, data: Any, claimable: Optional[Claimable],
-                         ttl_ms: Optional[int] = None) -> tuple[bool, bool]:
+                         ttl_ms: Optional[int] = None, then: Optional[Then] = None) -> tuple[bool, bool]:
         """Replace the record with ``data`` only while it is still ``expected`` (an entry this process
         wrote or read earlier, standing for a read now), and then claim ``claimable``: one attempt,
-        no read. Returns ``(written, claimed)``; nothing is claimed unless it wrote."""
-        return self._compare_and_set_then_claim(self.key(id_), expected.raw, data, ttl_ms, claimable)
+        no read. ``then`` as for ``update_then_claim``. Returns ``(written, claimed)``; nothing is
+        claimed unless it wrote."""
+        return self._compare_and_set_then_claim(self.key(id_), expected.raw, data, ttl_ms, claimable, then)
 
     def _compare_and_set_then_claim(self, key: str, expected: Optional[str], data: Any, ttl_ms: Optional[int],
-                                    claimable: Optional[Claimable]) -> tuple[bool, bool]:
+                                    claimable: Optional[Claimable], then: Optional[Then]) -> tuple[bool, bool]:
+        """The write, and ``then(data)`` after it, so that whoever finds what ``then`` wrote (a linking
+        pass finding an index entry) finds the record it follows. Where the unit of work queues
+        writes, it rides in the write's own round trip, right before it: one pipeline, which the
+        server runs back to back."""
+        follow = None if then is None else then(data)
+        queued = False
+        if follow is not None and self.store.queues_deferred():
+            self.store.defer(follow)
+            queued = True
         if claimable is None:
-            return self.store.compare_and_set(key, expected, self.encode(data), ttl_ms), False
-        return self.store.compare_and_set_then_claim(key, expected, self.encode(data), ttl_ms, claimable.claim,
-                                                     claimable.store.store)
+            written, claimed = self.store.compare_and_set(key, expected, self.encode(data), ttl_ms), False
+        else:
+            written, claimed = self.store.compare_and_set_then_claim(key, expected, self.encode(data), ttl_ms,
+                                                                     claimable.claim, claimable.store.store)
+        if follow is not None and written and not queued:
+            self.store.defer(follow)
+        return written, claimed
 
     def claimable(self, id_: str, index: str, entry: Optional[Entry] = None) -> Optional[Claimable]:
         """The record ``id_`` as it is now (or as ``entry``, when the caller knows it), to be claimed
@@ -321,13 +339,22 @@ class DomainStore:
         records (one round trip on Redis); return them. With ``defer`` the call is sent with the unit
         of work's next round trip and returns nothing. ``watermarked``: the index has a watermark
         (``watermark_begin``), which the members added may lower."""
-        key = self.index_key(index)
-        op = Op("index_add_capped", (key, dict(members), max_size, self._prefix,
-                                     watermark_key(key) if watermarked else None))
+        op = self.index_add_capped_op(index, members, max_size, watermarked)
         if defer:
-            self.store.defer(op)
+            self.defer(op)
             return []
         return self.store.index_add_capped(*op.args)
+
+    def defer(self, op: Op) -> None:
+        """A plain write made by an ``*_op`` method: sent with the unit of work's next round trip."""
+        self.store.defer(op)
+
+    def index_add_capped_op(self, index: str, members: Mapping[str, float], max_size: int,
+                            watermarked: bool = False) -> Op:
+        """``index_add_capped`` as an ``Op``, to run later (``update_then_claim``'s ``then``)."""
+        key = self.index_key(index)
+        return Op("index_add_capped", (key, dict(members), max_size, self._prefix,
+                                       watermark_key(key) if watermarked else None))
 
     # -- watermarks (``Store.watermark_begin``) ---------------------------------------------------
     def watermark(self, index: str) -> Optional[float]:

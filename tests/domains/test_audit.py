@@ -5,8 +5,10 @@ which puts records in the index of each of their filter values behind a watermar
 filtered listing reads the records of one value and those written since (memory and redis-server)."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -21,7 +23,7 @@ from relay.stores.keys import KeySpace
 from relay.stores.base import Store
 from relay.stores.memory import MemoryStore
 from relay.stores.redis import RedisStore
-from tests.support.helpers import CountingWrites
+from tests.support.helpers import CountingWrites, race
 
 
 def _event(status: str, second: int) -> dict[str, Any]:
@@ -327,3 +329,40 @@ def test_a_record_written_in_a_pass_s_range_after_its_read_is_left_to_the_next_p
     store.read = 0
     assert _ids(index.list_recent(50, user_id="u4")) == ["c4", "c14"]
     assert store.read == 2
+
+
+def test_writers_racing_linking_passes_leave_no_record_unlinked(backend: Store) -> None:
+    """Four writers, three writes in ten from a clock up to a minute behind, and a fifth thread linking
+    up to the shared clock until they are done: once a last pass has run, every filtered listing
+    equals a read of everything and reads nothing but the value's index."""
+    index, store = _audit(backend, max_records=10_000)
+    seconds = itertools.count(1)  # the shared clock; ``next`` on it is atomic
+    finished = [threading.Event() for _ in range(4)]
+
+    def work(thread: int) -> None:
+        if thread == len(finished):
+            while not all(event.is_set() for event in finished):
+                index.link(START_MS + 1000 * next(seconds))
+            return
+        rng = random.Random(thread)
+        mine: list[int] = []
+        try:
+            for i in range(120):
+                at = next(seconds) - (rng.randrange(1, 60) if rng.random() < 0.3 else 0)
+                if mine and rng.random() < 0.3:
+                    _command(index, rng.choice(mine), at, status=rng.choice(["agent_ok", "agent_error"]))
+                else:
+                    mine.append(1000 * thread + i)
+                    _command(index, mine[-1], at, status="sent_to_agent")
+        finally:
+            finished[thread].set()
+
+    race(len(finished) + 1, work)
+    index.link(START_MS + 1000 * (next(seconds) + 60))
+    for user in ("u0", "u3", "u7"):
+        store.read = 0
+        found = _ids(index.list_recent(1000, user_id=user))
+        assert store.read == len(found)
+        assert found and found == _everything(index, user_id=user)
+    for status in ("sent_to_agent", "agent_ok"):
+        assert _ids(index.list_recent(1000, status=status)) == _everything(index, status=status)
