@@ -162,62 +162,61 @@ return victims
 """
 
 
-# ``Store.watermark_lower`` in Lua: the watermark ``mark`` no longer vouches for ``score``.
-_LUA_WATERMARK_LOWER = """
-local function watermark_lower(mark, score)
-  local top = tonumber(redis.call('ZSCORE', mark, 'through'))
-  local target = tonumber(redis.call('ZSCORE', mark, 'target'))
-  if target and (not top or target > top) then top = target end
-  if not top or score > top then return end
-  local late = tonumber(redis.call('ZSCORE', mark, 'late'))
-  if not late or score < late then redis.call('ZADD', mark, score, 'late') end
+# A watermark's members (``relay.stores.base``) read with one command, and what they vouch for.
+_LUA_WATERMARK = """
+local function watermark_marks(mark)
+  local marks, flat = {}, redis.call('ZRANGE', mark, 0, -1, 'WITHSCORES')
+  for i = 1, #flat, 2 do marks[flat[i]] = tonumber(flat[i + 1]) end
+  return marks
 end
-"""
-
-# What a watermark's members vouch for, in Lua (``relay.stores.base.vouched``).
-_LUA_VOUCHED = """
-local function vouched(mark)
-  local through = tonumber(redis.call('ZSCORE', mark, 'through'))
-  local late = tonumber(redis.call('ZSCORE', mark, 'late'))
-  if through and late and late - 0.5 < through then return late - 0.5 end
-  return through
+local function vouched(marks)
+  if marks.through and marks.late and marks.late - 0.5 < marks.through then return marks.late - 0.5 end
+  return marks.through
+end
+local function watermark_lower(mark, score)
+  local marks = watermark_marks(mark)
+  local top = marks.through
+  if marks.target and (not top or marks.target > top) then top = marks.target end
+  if not top or score > top then return end
+  if not marks.late or score < marks.late then redis.call('ZADD', mark, score, 'late') end
 end
 """
 
 # KEYS[1] the watermark; ARGV[1] the lowest score just added.
-_WATERMARK_LOWER = _LUA_WATERMARK_LOWER + """
+_WATERMARK_LOWER = _LUA_WATERMARK + """
 watermark_lower(KEYS[1], tonumber(ARGV[1]))
 return 0
 """
 
 # KEYS[1] the watermark; ARGV[1] the pass's upto. Returns the start (a string: Lua numbers come back
 # as integers) or false.
-_WATERMARK_BEGIN = _LUA_VOUCHED + """
-local start = vouched(KEYS[1])
+_WATERMARK_BEGIN = _LUA_WATERMARK + """
+local marks = watermark_marks(KEYS[1])
+local start = vouched(marks)
 if start then redis.call('ZADD', KEYS[1], start, 'through') end
-if not redis.call('ZSCORE', KEYS[1], 'target') then redis.call('ZREM', KEYS[1], 'late') end
+if not marks.target then redis.call('ZREM', KEYS[1], 'late') end
 redis.call('ZADD', KEYS[1], ARGV[1], 'target')
 return start and string.format('%.17g', start)
 """
 
 # KEYS[1] the watermark; ARGV[1] the pass's upto. Returns what the watermark vouches for (a string) or false.
-_WATERMARK_END = _LUA_VOUCHED + """
+_WATERMARK_END = _LUA_WATERMARK + """
 local upto = tonumber(ARGV[1])
-if tonumber(redis.call('ZSCORE', KEYS[1], 'target')) == upto then
-  local late = tonumber(redis.call('ZSCORE', KEYS[1], 'late'))
-  local through = upto
-  if late and late - 0.5 < through then through = late - 0.5 end
-  redis.call('ZADD', KEYS[1], through, 'through')
+local marks = watermark_marks(KEYS[1])
+if marks.target == upto then
+  marks.through = upto
+  if marks.late and marks.late - 0.5 < upto then marks.through = marks.late - 0.5 end
+  marks.late = nil
+  redis.call('ZADD', KEYS[1], marks.through, 'through')
   redis.call('ZREM', KEYS[1], 'target', 'late')
 end
-local now = vouched(KEYS[1])
+local now = vouched(marks)
 return now and string.format('%.17g', now)
 """
 
-# KEYS[1] the index, KEYS[2] its watermark (optional); ARGV: max_size, record_prefix, then member/score
-# pairs. Adds, lowers the watermark to the lowest score added, trims the lowest beyond max_size and
-# deletes their records; returns {dropped, dropped whose key needs a hash}.
-_INDEX_ADD_CAPPED = LUA_ESCAPE_ID + _LUA_WATERMARK_LOWER + """
+# KEYS[1] the index; ARGV: max_size, record_prefix, then member/score pairs. Adds, trims the lowest
+# beyond max_size and deletes their records; returns {dropped, dropped whose key needs a hash}.
+_INDEX_ADD = """
 local key = KEYS[1]
 local low
 for i = 3, #ARGV, 2 do
@@ -225,7 +224,8 @@ for i = 3, #ARGV, 2 do
   local score = tonumber(ARGV[i + 1])
   if not low or score < low then low = score end
 end
-if KEYS[2] and low then watermark_lower(KEYS[2], low) end
+"""
+_INDEX_TRIM_DELETING = """
 local excess = redis.call('ZCARD', key) - tonumber(ARGV[1])
 if excess <= 0 then return {{}, {}} end
 local victims = redis.call('ZRANGE', key, 0, excess - 1)
@@ -237,6 +237,11 @@ for _, member in ipairs(victims) do
 end
 return {victims, hashed}
 """
+_INDEX_ADD_CAPPED = LUA_ESCAPE_ID + _INDEX_ADD + _INDEX_TRIM_DELETING
+# The same with KEYS[2], the index's watermark, lowered to the lowest score added.
+_INDEX_ADD_CAPPED_WATERMARKED = LUA_ESCAPE_ID + _LUA_WATERMARK + _INDEX_ADD + """
+if low then watermark_lower(KEYS[2], low) end
+""" + _INDEX_TRIM_DELETING
 
 # KEYS: indexes; ARGV: for each index in order, its member count, then that many member/score pairs.
 _INDEX_ADD_EACH = """
@@ -996,8 +1001,9 @@ class RedisStore(Store):
             argv: list[Any] = [max_size, record_prefix]
             for member, score in members.items():
                 argv += [str(member), repr(float(score))]
-            keys = (1, key) if watermark is None else (2, key, watermark)
-            return _Queued(("EVAL", _INDEX_ADD_CAPPED, *keys, *argv), lambda r: (list(r[0]), list(r[1])), True)
+            script = (_INDEX_ADD_CAPPED, 1, key) if watermark is None else (_INDEX_ADD_CAPPED_WATERMARKED, 2, key,
+                                                                             watermark)
+            return _Queued(("EVAL", *script, *argv), lambda r: (list(r[0]), list(r[1])), True)
         if name == "guarded_reserve":
             guard, key, value, ttl_ms = _pad(args, 4)
             ttl_ms = validate_ttl(ttl_ms)
