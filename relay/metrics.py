@@ -98,6 +98,7 @@ class _Instruments:
     flag: Gauge
     phase: Gauge
     keys: Gauge
+    audit_link_behind: Gauge
 
     @classmethod
     def build(cls, registry: Optional[CollectorRegistry]) -> "_Instruments":
@@ -135,6 +136,10 @@ class _Instruments:
                         ["domain", "phase"], registry=r, multiprocess_mode="livemax"),
             keys=Gauge("relay_store_keys", "Keys (records) per domain and backend, sampled at scrape time.",
                        ["domain", "backend"], registry=r, multiprocess_mode="livemostrecent"),
+            audit_link_behind=Gauge("relay_audit_link_behind_seconds",
+                                    "How far the audit records' linking watermark is behind the clock, sampled "
+                                    "at scrape time (NaN before the first linking pass).",
+                                    registry=r, multiprocess_mode="livemostrecent"),
         )
 
 
@@ -669,6 +674,10 @@ class StoreMetrics:
         """Publish ``relay_store_keys`` for ``{(domain, backend): count}``."""
         for (domain, backend), count in counts.items():
             self._i.keys.labels(domain, backend).set(count)
+
+    def set_audit_link_behind(self, seconds: Optional[float]) -> None:
+        """Publish ``relay_audit_link_behind_seconds`` (``None``: no watermark yet, NaN)."""
+        self._i.audit_link_behind.set(math.nan if seconds is None else seconds)
 
     # -- reading ------------------------------------------------------------------------------------
     def domain_summary(self, domain: str, phase: Optional[str]) -> dict[str, Any]:

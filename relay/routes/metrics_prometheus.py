@@ -3,14 +3,19 @@
 The body is ``StoreMetrics.exposition()``: under several gunicorn workers it merges every
 worker's files, so any worker answers for all of them. Before rendering, the key cardinality
 gauges (``relay_store_keys{domain,backend}``) are refreshed from the backends: the size of the
-index of each indexed domain, and a prefix scan (cached for a minute) for the others.
+index of each indexed domain, and a prefix scan (cached for a minute) for the others; and
+``relay_audit_link_behind_seconds`` from the audit records' linking watermark (a filtered
+``/audit/recent`` reads every record written since it), unless the store does not answer.
 """
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
+from typing import Optional
+
 from relay.domains import audit, inflight, machines, templates
 from relay.metrics import CONTENT_TYPE_LATEST, KeyCardinality
+from relay.stores.base import StoreError
 from relay.routes.app_context import current_relay
 from relay.routes.auth import require_admin
 
@@ -40,8 +45,20 @@ def _key_cardinality() -> KeyCardinality:
     return sampler
 
 
+def _audit_link_behind_s() -> Optional[float]:
+    """Seconds from the audit linking watermark to the clock; ``None`` before the first pass.
+    Raises ``StoreError``."""
+    relay = current_relay()
+    through = relay.router.store("audit").watermark(audit.INDEX)
+    return None if through is None else max(0.0, (relay.clock() - through) / 1000)
+
+
 @metrics_prometheus_blueprint.get("/metrics/prometheus")
 def prometheus() -> Response:
     metrics = current_relay().metrics
     metrics.set_key_counts(_key_cardinality().counts())
+    try:
+        metrics.set_audit_link_behind(_audit_link_behind_s())
+    except StoreError:
+        pass  # the last value stays; the store's own metrics tell of the failure
     return Response(metrics.exposition(), status=200, content_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,7 @@
 """``GET /metrics/prometheus`` on the real ``create_app`` (memory stores, one process)."""
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,27 @@ def test_phases_in_force_are_exposed(client: FlaskClient) -> None:
 
     assert sample(families, "relay_store_phase", "relay_store_phase", domain="machines", phase="memory") == 1
     assert sample(families, "relay_store_phase", "relay_store_phase", domain="machines", phase="shadow") == 0
+
+
+def test_the_audit_linking_watermark_s_distance_to_the_clock_is_exposed(tmp_path: Path) -> None:
+    now = [1_795_000_000_000]
+    settings = load_settings({"RELAY_ADMIN_TOKEN": ADMIN, "ALLOWLIST_USERS": "u1",
+                              "AUDIT_LOG_PATH": str(tmp_path / "audit.jsonl")})
+    app = create_app(settings, clock=lambda: now[0], start_background=False)
+    try:
+        client, relay = app.test_client(), app.extensions["relay"]
+
+        def behind() -> float:
+            family = "relay_audit_link_behind_seconds"
+            return sample(scrape(client), family, family)
+
+        assert math.isnan(behind())  # nothing linked yet: every record is read
+        client.post("/wecom/callback", json={"msgId": uuid.uuid4().hex, "userId": "u1", "text": "@dev status",
+                                             "machineId": "m1"})
+        with relay.router.bound():
+            relay.agent_events.ctx.domains.audit.link(now[0])
+        assert behind() == 0
+        now[0] += 90_000  # no pass for a minute and a half
+        assert behind() == 90
+    finally:
+        app.extensions["relay"].close()
