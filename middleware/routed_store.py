@@ -228,8 +228,12 @@ class RoutedStore(Store):
         if unit is not None:
             unit.flush()
 
-    def queues_deferred(self) -> bool:
-        return self.batching and current() is not None
+    def follow(self, op: Op) -> bool:
+        unit = current() if self.batching else None
+        if unit is None:
+            return False
+        unit.follow(self, op.name, op)
+        return True
 
     def _can_fall_back(self, backend: Store) -> bool:
         return (self.plan.fallback_to_memory and backend.backend_name == "redis"

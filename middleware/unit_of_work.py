@@ -5,6 +5,9 @@ whose plan allows it (``RoutedStore.batching``: Redis authoritative, no mirror, 
 shadow reads) send their Redis calls through it:
 
 * ``defer``: a plain write nobody waits for (``DEFERRABLE_OPS``) is queued, not sent;
+* ``follow``: the same, but sent right after the next call that carries the queue, in its pipeline
+  (an audit record's index entry after the record's compare-and-set: a reader that finds the entry
+  finds the record as written);
 * ``prefetch``: a read the unit of work will make is queued; its answer is kept for the next ``get``
   of that key (until the unit of work writes the key);
 * every other call sends the queued writes and reads first, in the same pipeline
@@ -79,6 +82,8 @@ class UnitOfWork:
 
     def __init__(self) -> None:
         self._queue: list[_Queued] = []
+        #: Writes to send right after the next call that carries the queue (``follow``).
+        self._following: list[_Queued] = []
         self._prefetching: set[str] = set()
         self._cache: dict[str, Optional[str]] = {}
         #: Round trips this unit of work made (``Store.execute`` calls).
@@ -92,6 +97,14 @@ class UnitOfWork:
             raise ValueError(f"{op.name} cannot be deferred")
         self._forget(op)
         self._queue.append(_Queued(store, label, op))
+
+    def follow(self, store: "RoutedStore", label: str, op: Op) -> None:
+        """A plain write to send after the next call that carries the queue, in its round trip (at the
+        latest when the unit of work ends): whoever reads its effect then finds that call's too."""
+        if op.name not in DEFERRABLE_OPS:
+            raise ValueError(f"{op.name} cannot be deferred")
+        self._forget(op)
+        self._following.append(_Queued(store, label, op))
 
     def prefetch(self, store: "RoutedStore", key: str) -> None:
         if key in self._cache or key in self._prefetching:
@@ -111,7 +124,10 @@ class UnitOfWork:
         if hit is not _MISSING:
             return hit
         if op.name not in PIPELINE_OPS:
+            # It carries nothing: the follow-ups wait for the next call that does, or the end.
+            following, self._following = self._following, []
             self.flush()
+            self._following = following
             return self._direct(store, backend, label, op)
         carried = _Queued(store, label, op)
         if op.name == "get" and op.args[0] in self._prefetching:
@@ -125,8 +141,9 @@ class UnitOfWork:
             self._send(backend, queued)
             queued = []
         self._forget(op)
-        results = self._send(backend, queued + [carried], carried=True)
-        return results[-1]
+        following, self._following = self._following, []
+        results = self._send(backend, queued + [carried] + following, carried=len(queued))
+        return results[len(queued)]
 
     def refuses(self, backend: Store) -> bool:
         """Whether ``backend`` refuses calls (``Store.refuses_calls``). It is asked until it refuses
@@ -149,14 +166,15 @@ class UnitOfWork:
                 backend.count_refused(calls)
 
     def flush(self) -> None:
-        """Send the queue now (nothing happens when it is empty)."""
-        queued = self._take()
+        """Send the queue now, its follow-ups last (nothing happens when both are empty)."""
+        queued = self._take() + self._following
+        self._following = []
         if queued:
             self._send(queued[0].store.batch_backend, queued)
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._following)
 
     # -- internals ----------------------------------------------------------------------------------
     def _take(self) -> list[_Queued]:
@@ -187,9 +205,9 @@ class UnitOfWork:
         store.report(label, None, time.perf_counter() - started)
         return result
 
-    def _send(self, backend: Store, queued: list[_Queued], carried: bool = False) -> list[Any]:
-        """Execute ``queued`` in one round trip. With ``carried``, the last item is the call that
-        carried the queue: its failure is raised for its store to handle."""
+    def _send(self, backend: Store, queued: list[_Queued], carried: Optional[int] = None) -> list[Any]:
+        """Execute ``queued`` in one round trip. ``carried``: the index of the call that carried the
+        queue, whose failure is raised for its store to handle."""
         started = time.perf_counter()
         self.round_trips += 1
         try:
@@ -198,8 +216,8 @@ class UnitOfWork:
             seconds = time.perf_counter() - started
             for item in queued:
                 item.store.report(item.label, exc, seconds)
-            self._recover(queued[:-1] if carried else queued, exc)
-            if carried:
+            self._recover([item for index, item in enumerate(queued) if index != carried], exc)
+            if carried is not None:
                 raise
             return [None] * len(queued)
         seconds = time.perf_counter() - started

@@ -111,12 +111,6 @@ def lowered(marks: Mapping[str, float], score: float) -> Optional[float]:
     return score if late is None or score < late else None
 
 
-def ended(marks: Mapping[str, float], upto: float) -> float:
-    """``THROUGH`` at the end of the pass up to ``upto``."""
-    late = marks.get(LATE)
-    return upto if late is None else min(upto, late - 0.5)
-
-
 class Claim(NamedTuple):
     """A record to claim once another write has succeeded (``Store.compare_and_set_then_claim``):
     delete ``key`` while it holds exactly ``expected``, and remove ``member`` from the index
@@ -340,46 +334,31 @@ class Store(abc.ABC):
     # watermark over it: what it has worked through. Scores are whole numbers (milliseconds). Members
     # may be added at any score, also below the watermark (a writer whose clock is behind, a record
     # copied back after an outage): each such add is remembered (``watermark_lower``), and the
-    # watermark vouches only for what lies below it. So a pass never has to stay behind the clock
-    # for the writers' sake: ``watermark_begin``, work through ``(start, upto]``, ``watermark_end``.
-    # Backends make each call atomic; these versions, built on the index calls, are not.
+    # watermark vouches only for what lies below it. So a pass need not stay behind the clock for
+    # such writers: ``watermark_begin``, work through ``(start, upto]``, ``watermark_end``. Each call
+    # is atomic (a lock, a Lua script), so no pass or writer comes between its steps.
     def watermark(self, key: str) -> Optional[float]:
         """The score at or below which every member of the watched index was worked through; ``None``
         before the first pass ended."""
         return vouched(dict(self.index_range(key)))
 
+    @abc.abstractmethod
     def watermark_lower(self, key: str, score: float) -> None:
         """Members were just added at ``score`` or above: when that is at or below what the watermark
-        vouches for or a pass is bringing it to, it no longer vouches for ``score``."""
-        late = lowered(dict(self.index_range(key)), score)
-        if late is not None:
-            self.index_add(key, {LATE: late})
+        vouches for or a pass is bringing it to, it no longer vouches for ``score`` (``lowered``)."""
 
+    @abc.abstractmethod
     def watermark_begin(self, key: str, upto: float) -> Optional[float]:
         """Start a pass up to ``upto``: return the score to work from (exclusive; ``None``: from the
         lowest), what the watermark vouches for now, and remember ``upto`` as the pass's target. The
         late score is then the pass's to work through, unless another pass is under way (or was cut
         short): that one's late scores stay, and hold back whichever pass ends."""
-        marks = dict(self.index_range(key))
-        start = vouched(marks)
-        if start is not None:
-            self.index_add(key, {THROUGH: start})
-        if TARGET not in marks:
-            self.index_remove(key, [LATE])
-        self.index_add(key, {TARGET: upto})
-        return start
 
+    @abc.abstractmethod
     def watermark_end(self, key: str, upto: float) -> Optional[float]:
         """End the pass begun with ``upto``: the watermark moves to ``upto``, or only to below the
         lowest score added late meanwhile. A pass another began since moves nothing. Returns what the
         watermark vouches for now."""
-        marks = dict(self.index_range(key))
-        if marks.get(TARGET) != upto:
-            return vouched(marks)
-        through = ended(marks, upto)
-        self.index_add(key, {THROUGH: through})
-        self.index_remove(key, [TARGET, LATE])
-        return through
 
     # -- units of work (``middleware.unit_of_work``); plain stores run everything at once --------
     def prefetch(self, keys: Sequence[str]) -> None:
@@ -395,8 +374,12 @@ class Store(abc.ABC):
     def flush(self) -> None:
         """Send the deferred writes of this unit of work now."""
 
-    def queues_deferred(self) -> bool:
-        """Whether ``defer`` queues a write for the unit of work's next round trip (else it writes at once)."""
+    def follow(self, op: Op) -> bool:
+        """Queue ``op``, a plain write, to be sent right after the next call, in its round trip, where a
+        unit of work queues writes; ``False`` (nothing done) where it does not: the caller then runs it
+        after that call itself."""
+        if op.name not in DEFERRABLE_OPS:
+            raise ValueError(f"{op.name} cannot be deferred")
         return False
 
     # -- lifecycle --------------------------------------------------------------------

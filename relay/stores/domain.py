@@ -213,13 +213,9 @@ class DomainStore:
                                     claimable: Optional[Claimable], then: Optional[Then]) -> tuple[bool, bool]:
         """The write, and ``then(data)`` after it, so that whoever finds what ``then`` wrote (a linking
         pass finding an index entry) finds the record it follows. Where the unit of work queues
-        writes, it rides in the write's own round trip, right before it: one pipeline, which the
-        server runs back to back."""
+        writes, it rides in the write's own round trip, right after it (``Store.follow``)."""
         follow = None if then is None else then(data)
-        queued = False
-        if follow is not None and self.store.queues_deferred():
-            self.store.defer(follow)
-            queued = True
+        queued = follow is not None and self.store.follow(follow)
         if claimable is None:
             written, claimed = self.store.compare_and_set(key, expected, self.encode(data), ttl_ms), False
         else:
@@ -334,12 +330,11 @@ class DomainStore:
         return self.store.index_trim(self.index_key(index), max_size)
 
     def index_add_capped(self, index: str, members: Mapping[str, float], max_size: int,
-                         defer: bool = False, watermarked: bool = False) -> list[str]:
+                         defer: bool = False) -> list[str]:
         """``index_add``, then drop the lowest-scored members beyond ``max_size`` together with their
         records (one round trip on Redis); return them. With ``defer`` the call is sent with the unit
-        of work's next round trip and returns nothing. ``watermarked``: the index has a watermark
-        (``watermark_begin``), which the members added may lower."""
-        op = self.index_add_capped_op(index, members, max_size, watermarked)
+        of work's next round trip and returns nothing."""
+        op = self.index_add_capped_op(index, members, max_size)
         if defer:
             self.defer(op)
             return []
@@ -351,7 +346,9 @@ class DomainStore:
 
     def index_add_capped_op(self, index: str, members: Mapping[str, float], max_size: int,
                             watermarked: bool = False) -> Op:
-        """``index_add_capped`` as an ``Op``, to run later (``update_then_claim``'s ``then``)."""
+        """``index_add_capped`` as an ``Op``, to run later (``update_then_claim``'s ``then``).
+        ``watermarked``: the index has a watermark (``Store.watermark_begin``), which the members
+        added may lower."""
         key = self.index_key(index)
         return Op("index_add_capped", (key, dict(members), max_size, self._prefix,
                                        watermark_key(key) if watermarked else None))

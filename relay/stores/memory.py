@@ -22,7 +22,6 @@ from relay.stores.base import (
     THROUGH,
     Store,
     StoreError,
-    ended,
     lowered,
     validate_limit,
     validate_lock_ttl,
@@ -374,7 +373,8 @@ class MemoryStore(Store):
                 return None
             if index.scores.get(TARGET) != upto:
                 return vouched(index.scores)
-            through = ended(index.scores, float(upto))
+            through = vouched({**index.scores, THROUGH: float(upto)})
+            assert through is not None
             index.add(THROUGH, through)
             index.remove(TARGET)
             index.remove(LATE)

@@ -63,18 +63,34 @@ def test_a_follow_up_comes_after_the_write_and_only_when_it_wrote() -> None:
     assert backend.calls == ["compare_and_set"]
 
 
-def test_in_a_unit_of_work_the_follow_up_rides_in_the_write_s_round_trip(redis_server: RedisServer) -> None:
-    redis_store = RedisStore(redis_server.url, breaker=GuardedBreaker())
+class RecordingPipelines(RedisStore):
+    """Lists the calls of each round trip (``execute``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.round_trips: list[list[str]] = []
+
+    def execute(self, ops: Any) -> list[Any]:
+        self.round_trips.append([op.name for op in ops])
+        return super().execute(ops)
+
+
+def test_in_a_unit_of_work_the_follow_up_rides_right_after_the_write(redis_server: RedisServer) -> None:
+    redis_store = RecordingPipelines(redis_server.url, breaker=GuardedBreaker())
     router = StoreRouter(KEYS, {"audit": audit.DOMAIN}, {"memory": MemoryStore(), "redis": redis_store},
                          {"audit": PRESETS["redis-primary"]})
     try:
         with router.bound():
             store = router.store("audit")
-            unit = unit_of_work.current()
-            assert unit is not None and store.store.queues_deferred()
             assert store.update_then_claim("c1", lambda _: _record("created"), None, then=_entry_of(store))[0]
-            assert unit.round_trips == 2  # the read, then the write with its follow-up
-            assert unit.pending == 0
+            first = store.get_entry("c1")
+            assert first is not None
+            store.defer(Op("set", (store.key("other"), store.encode(_record("created")), None)))
+            assert store.write_then_claim("c1", first, _record("sent_to_agent"), None, then=_entry_of(store))[0]
+            unit = unit_of_work.current()
+            assert unit is not None and unit.pending == 0
+        assert redis_store.round_trips == [["get"], ["compare_and_set", "index_add_capped"], ["get"],
+                                           ["set", "compare_and_set", "index_add_capped"]]
         assert redis_store.index_range(KEYS.index_key("audit", "updated", colocated=True)) == [("c1", 1.0)]
     finally:
         router.close()
