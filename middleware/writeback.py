@@ -54,6 +54,12 @@ def _is_index(key: str) -> bool:
     return ":#" in key
 
 
+def copy_order(key: str) -> tuple[bool, str]:
+    """Records before indexes: an index entry copied over lowers the index's watermark, and whoever
+    then works through the index from there must find the record as copied."""
+    return _is_index(key), key
+
+
 def _stays(key: str) -> bool:
     """A lock, or a ``#local:`` key: meaningful only on the backend that holds it."""
     return ":#lock%3A" in key or backend_local(key)
@@ -103,9 +109,10 @@ def copy_newer(source: Store, target: Store, key: str, counters: bool = False) -
     if _is_index(key):
         members = dict(source.index_range(key))
         if members:
-            present = dict(target.index_range(key))
             target.index_add(key, members)
-            _lower_watermark(target, key, {m: s for m, s in members.items() if present.get(m) != s})
+            # Every member, also one the target had at the same score: its record, copied before it,
+            # may have changed without its score changing.
+            _lower_watermark(target, key, members)
         return WRITTEN if members else SKIPPED
     value = source.get(key)
     if value is None:
@@ -233,9 +240,9 @@ class WriteBackJournal:
         return bool(self._pending.get(domain)) or bool(self._busy_domains.get(domain))
 
     def keys(self) -> dict[str, list[str]]:
-        """The keys pending now, per domain."""
+        """The keys pending now, per domain, in ``copy_order``."""
         with self._lock:
-            return {d: sorted(k) for d, k in self._pending.items() if k}
+            return {d: sorted(k, key=copy_order) for d, k in self._pending.items() if k}
 
     def claim(self, domain: str, key: str, target: Optional[str] = None, wait_s: float = 2.0) -> list[Task]:
         """Take the tasks of one key (those aimed at backend ``target``, if given) to carry them out,
@@ -414,7 +421,7 @@ class Reconciler:
         progress = CopyProgress(direction)
         self.progress[domain] = progress
         try:
-            keys = source.scan_keys(self._prefix_of(domain))  # type: ignore[attr-defined]
+            keys = sorted(source.scan_keys(self._prefix_of(domain)), key=copy_order)  # type: ignore[attr-defined]
             progress.total = len(keys)
             for key in keys:
                 try:

@@ -295,8 +295,16 @@ def test_index_members_copied_below_the_target_s_watermark_lower_it(rig: Rig) ->
     assert sync_key(rig.memory, rig.redis, index) == "written"
     assert rig.redis.watermark(mark) == 799.5
     linked_through(3000)
-    assert copy_newer(rig.memory, rig.redis, index) == "written"  # nothing the target lacked
-    assert rig.redis.watermark(mark) == 3000.0
+    rig.memory.index_remove(index, ["in-the-outage"])
+    assert copy_newer(rig.memory, rig.redis, index) == "written"  # members the target had: their records
+    assert rig.redis.watermark(mark) == 799.5                     # may have changed at the same score
+
+
+def test_a_write_back_copies_records_before_indexes(rig: Rig) -> None:
+    """An index entry copied over lowers the watermark; a pass that then reads its record finds it."""
+    rig.journal.record("audit", [PREFIX + "#updated", PREFIX + "c2", PREFIX + "#userId.u1", PREFIX + "c1"])
+    assert rig.journal.keys() == {"audit": [PREFIX + "c1", PREFIX + "c2", PREFIX + "#updated",
+                                            PREFIX + "#userId.u1"]}
 
 
 # -- switching plans through the router ------------------------------------------------------------
