@@ -32,6 +32,9 @@ INDEX = "updated"
 PAGE = 200
 #: The fields ``/audit/recent`` filters on; each value has an index of its records (``value_index``).
 FILTER_FIELDS = ("userId", "machineId", "status")
+#: How far behind the clock ``link`` stays, for writes still on their way from relays older than
+#: this code (they write a record's index entry before the record, and never lower the watermark).
+LINK_LAG_MS = 1_000
 #: An audit record as stored (``RECORD_KEYS``).
 Record = dict[str, Any]
 
@@ -313,17 +316,18 @@ class AuditIndex:
         yield from self._newest(PAGE, needles, index=value_index(name, value), max_score=through)
 
     def link(self, now_ms: int, page_size: int = PAGE) -> int:
-        """Add the records updated since the last call, up to ``now_ms``, to the index of each of their
-        filter values (``value_index``), whoever wrote them, and move the watermark of ``#updated`` to
-        there; return how many records were read. The sweeps' leader calls it every few seconds.
+        """Add the records updated since the last call, up to ``LINK_LAG_MS`` before ``now_ms``, to the
+        index of each of their filter values (``value_index``), whoever wrote them, and move the
+        watermark of ``#updated`` to there; return how many records were read. The sweeps' leader
+        calls it every few seconds.
 
         The watermark (``Store.watermark_begin``) never vouches for a record it did not see linked:
-        a record written meanwhile at or below the pass's ``now_ms`` (its writer's clock behind, a
-        write delayed, a record copied back after an outage) lowers it as it is written, so the pass
-        ends below that record and the next one links it. Two calls at once are safe: the later one
-        to begin moves the watermark, the other moves nothing."""
+        a record written at or below the pass's end (its writer's clock behind, a record copied back
+        after an outage), its index entry written after it, lowers it as that entry is written, so
+        the pass ends below that record and the next one links it. Two calls at once are safe: the
+        later one to begin moves the watermark, the other moves nothing."""
         store = self._store()
-        upto = float(now_ms)
+        upto = float(now_ms - LINK_LAG_MS)
         through = store.watermark(INDEX)
         if through is not None and through >= upto:
             return 0

@@ -253,7 +253,7 @@ def test_the_sweeps_leader_links_the_audit_records_for_filtered_listings(make_pa
     before = {user: b.client.get(f"/audit/recent?userId={user}").get_json() for user in ("u1", "u2")}
     assert [r["commandId"] for r in before["u1"]["items"]] == [mine[0], mine[2]]  # mine[0] answered last
 
-    a.clock.advance(1)
+    a.clock.advance(audit.LINK_LAG_MS + 1)
     assert a.relay.sweeper.run_once()
     assert b.frame(lambda: b.relay.agent_events.ctx.domains.audit.link(b.clock())) == 0  # nothing left
     for user in ("u1", "u2"):
@@ -284,7 +284,7 @@ def test_between_periods_the_last_periods_leader_links_every_few_seconds(
     b.relay.sweeper.start()
     a.relay.sweeper.start()  # SWEEP_INTERVAL_MS is 60 s: these are links between periods
     try:
-        assert wait_for(lambda: _watermark(b) == a.clock())
+        assert wait_for(lambda: _watermark(b) == a.clock() - audit.LINK_LAG_MS)
     finally:
         a.relay.sweeper.stop()
         b.relay.sweeper.stop()

@@ -9,14 +9,17 @@ import itertools
 import json
 import random
 import threading
-from collections.abc import Iterator
-from typing import Any, Optional
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional
 
 import pytest
 
 from relay.domains import inflight
+from config.phases import PRESETS
 from middleware.breaker import GuardedBreaker
-from relay.domains.audit import DOMAIN, INDEX, AuditIndex, stored_form, value_index
+from middleware.routing import StoreRouter
+from relay.domains.audit import DOMAIN, INDEX, LINK_LAG_MS, AuditIndex, stored_form, value_index
 from relay.domains.inflight import InflightCommands
 from relay.stores.domain import DomainStore
 from relay.stores.keys import KeySpace
@@ -190,6 +193,12 @@ def _command(index: AuditIndex, n: int, second: int, status: str = "agent_ok") -
                  "machineId": f"m{n % 2}"})
 
 
+def _link(index: AuditIndex, second: int, **kwargs: Any) -> int:
+    """``link`` as the leader runs it ``second`` seconds after ``START_MS``, plus the lag it keeps:
+    the records written up to ``second`` get linked."""
+    return index.link(START_MS + 1000 * second + LINK_LAG_MS, **kwargs)
+
+
 def _everything(index: AuditIndex, **wanted: str) -> list[str]:
     """The answer as a read of every record gives it."""
     names = {"user_id": "userId", "machine_id": "machineId", "status": "status"}
@@ -214,7 +223,7 @@ def test_after_link_a_filtered_listing_reads_the_value_index_and_what_came_since
     index, store = _audit(backend)
     for n in range(200):
         _command(index, n, n)
-    assert index.link(START_MS + 1000 * 199) == 200
+    assert _link(index, 199) == 200
     for n in range(200, 210):
         _command(index, n, n)  # after the watermark: not linked yet
     store.read = 0
@@ -231,9 +240,9 @@ def test_a_linked_record_leaves_the_index_of_the_status_it_had(backend: Store) -
     index, store = _audit(backend)
     _command(index, 1, 0, status="sent_to_agent")
     _command(index, 2, 1, status="sent_to_agent")
-    index.link(START_MS + 1000)
+    _link(index, 1)
     _command(index, 1, 2, status="agent_ok")
-    index.link(START_MS + 2000)
+    _link(index, 2)
     store.read = 0
     assert _ids(index.list_recent(50, status="sent_to_agent")) == ["c2"]
     assert store.read == 1
@@ -244,7 +253,7 @@ def test_link_takes_every_record_of_a_score_shared_beyond_a_page(backend: Store)
     index, store = _audit(backend)
     for n in range(12):
         _command(index, n, 0 if n < 7 else n)  # seven records at the same millisecond
-    assert index.link(START_MS + 1000 * 11, page_size=3) == 12
+    assert _link(index, 11, page_size=3) == 12
     for user in ("u0", "u3", "u6", "u9"):
         store.read = 0
         found = _ids(index.list_recent(50, user_id=user))
@@ -257,7 +266,7 @@ def test_a_value_index_keeps_no_more_entries_than_the_records_kept(backend: Stor
     index, store = _audit(backend, max_records=5)
     for n in range(0, 100, 10):  # all u0
         _command(index, n, n)
-        index.link(START_MS + 1000 * n)
+        _link(index, n)
     assert index.count() == 5
     assert store.index_count(value_index("userId", "u0")) == 5
     assert _ids(index.list_recent(50, user_id="u0")) == ["c90", "c80", "c70", "c60", "c50"]
@@ -280,7 +289,7 @@ def test_listings_through_the_links_equal_a_read_of_everything(backend: Store) -
             _command(index, count, at, status=rng.choice(["created", "sent_to_agent"]))
             count += 1
         if rng.random() < 0.2:
-            index.link(START_MS + 1000 * second - rng.choice([0, 5000]))
+            _link(index, second)
         if step % 25 == 24:
             for wanted in ({"user_id": "u3"}, {"machine_id": "m0"}, {"status": "sent_to_agent"},
                            {"status": "agent_ok", "user_id": "u4"}):
@@ -292,11 +301,11 @@ def test_a_record_written_below_the_watermark_is_found_before_and_after_the_next
     index, store = _audit(backend)
     for n in range(100, 110):
         _command(index, n, n)
-    index.link(START_MS + 1000 * 109)
+    _link(index, 109)
     _command(index, 3, 50)  # u3, at a time the watermark passed long ago
     assert store.watermark(INDEX) == START_MS + 1000 * 50 - 0.5
     assert _ids(index.list_recent(50, user_id="u3")) == ["c103", "c3"]
-    index.link(START_MS + 1000 * 110)
+    _link(index, 110)
     assert store.watermark(INDEX) == START_MS + 1000 * 110
     store.read = 0
     assert _ids(index.list_recent(50, user_id="u3")) == ["c103", "c3"]
@@ -322,47 +331,76 @@ def test_a_record_written_in_a_pass_s_range_after_its_read_is_left_to_the_next_p
     for n in range(10, 20):
         _command(index, n, n)
     store.during = lambda: _command(index, 4, 15)  # within the pass's range, after its read of it
-    index.link(START_MS + 1000 * 30)
+    _link(index, 30)
     assert store.watermark(INDEX) == START_MS + 1000 * 15 - 0.5
     assert _ids(index.list_recent(50, user_id="u4")) == ["c4", "c14"]
-    index.link(START_MS + 1000 * 31)
+    _link(index, 31)
     store.read = 0
     assert _ids(index.list_recent(50, user_id="u4")) == ["c4", "c14"]
     assert store.read == 2
 
 
-def test_writers_racing_linking_passes_leave_no_record_unlinked(backend: Store) -> None:
+def _race(index: AuditIndex, scope: Callable[[], ContextManager[Any]]) -> None:
     """Four writers, three writes in ten from a clock up to a minute behind, and a fifth thread linking
-    up to the shared clock until they are done: once a last pass has run, every filtered listing
-    equals a read of everything and reads nothing but the value's index."""
-    index, store = _audit(backend, max_records=10_000)
+    up to the shared clock until they are done, each call in a ``scope`` of its own; then a last pass."""
     seconds = itertools.count(1)  # the shared clock; ``next`` on it is atomic
     finished = [threading.Event() for _ in range(4)]
 
     def work(thread: int) -> None:
         if thread == len(finished):
             while not all(event.is_set() for event in finished):
-                index.link(START_MS + 1000 * next(seconds))
+                with scope():
+                    _link(index, next(seconds))
             return
         rng = random.Random(thread)
         mine: list[int] = []
         try:
             for i in range(120):
                 at = next(seconds) - (rng.randrange(1, 60) if rng.random() < 0.3 else 0)
-                if mine and rng.random() < 0.3:
-                    _command(index, rng.choice(mine), at, status=rng.choice(["agent_ok", "agent_error"]))
-                else:
-                    mine.append(1000 * thread + i)
-                    _command(index, mine[-1], at, status="sent_to_agent")
+                with scope():
+                    if mine and rng.random() < 0.3:
+                        _command(index, rng.choice(mine), at, status=rng.choice(["agent_ok", "agent_error"]))
+                    else:
+                        mine.append(1000 * thread + i)
+                        _command(index, mine[-1], at, status="sent_to_agent")
         finally:
             finished[thread].set()
 
     race(len(finished) + 1, work)
-    index.link(START_MS + 1000 * (next(seconds) + 60))
+    with scope():
+        _link(index, next(seconds) + 60)
+
+
+def _listings_equal_a_read_of_everything(index: AuditIndex) -> None:
+    for wanted in ({"user_id": "u0"}, {"user_id": "u3"}, {"user_id": "u7"}, {"status": "sent_to_agent"},
+                   {"status": "agent_ok"}):
+        found = _ids(index.list_recent(1000, **wanted))
+        assert found and found == _everything(index, **wanted), wanted
+
+
+def test_writers_racing_linking_passes_leave_no_record_unlinked(backend: Store) -> None:
+    """After the race and a last pass, every filtered listing equals a read of everything, and a
+    listing by user reads nothing but that user's index."""
+    index, store = _audit(backend, max_records=10_000)
+    _race(index, nullcontext)
     for user in ("u0", "u3", "u7"):
         store.read = 0
         found = _ids(index.list_recent(1000, user_id=user))
         assert store.read == len(found)
-        assert found and found == _everything(index, user_id=user)
-    for status in ("sent_to_agent", "agent_ok"):
-        assert _ids(index.list_recent(1000, status=status)) == _everything(index, status=status)
+    _listings_equal_a_read_of_everything(index)
+
+
+def test_writers_racing_linking_passes_through_units_of_work_leave_no_record_unlinked(
+        redis_server: Any) -> None:
+    """The same race as the relay runs it on Redis: each call in a unit of work of its own, whose
+    round trips carry an audit write's index entry after the record."""
+    redis_store = RedisStore(redis_server.url, breaker=GuardedBreaker())
+    router = StoreRouter(KeySpace("relay", "race"), {"audit": DOMAIN}, {"memory": MemoryStore(), "redis": redis_store},
+                         {"audit": PRESETS["redis-primary"]})
+    try:
+        index = AuditIndex(router.provider("audit"), max_records=10_000)
+        _race(index, router.bound)
+        with router.bound():
+            _listings_equal_a_read_of_everything(index)
+    finally:
+        router.close()
