@@ -155,6 +155,31 @@ def test_a_failed_flush_with_fallback_goes_to_memory_and_the_journal(redis_serve
         rig.router.close()
 
 
+def test_a_failed_round_trip_writes_its_follow_up_to_memory_after_the_call_it_follows(
+        redis_server: RedisServer) -> None:
+    """Redis paused under an audit write with its index entry following: the record and the entry
+    both reach memory and the journal, as any queued write and the call that carried it do."""
+    rig = Rig(redis_server, fallback=True)
+    try:
+        with rig.router.bound():
+            store = rig.router.store("audit")
+            store.get("warm-up")
+            record = audit.apply_event(None, {"commandId": "c1", "timestamp": "2026-11-27T10:00:00.000Z",
+                                              "status": "created"}, 10)
+            rig.server.pause()
+            try:
+                written, _ = store.update_then_claim("c1", lambda _: record, None, then=lambda data: (
+                    store.index_add_capped_op("updated", {data["commandId"]: 1.0}, 10)))
+            finally:
+                rig.server.resume()
+        assert written == record
+        assert rig.memory.get(KEYS.key("audit", "c1", colocated=True)) is not None
+        assert rig.memory.index_range(KEYS.index_key("audit", "updated", colocated=True)) == [("c1", 1.0)]
+        assert rig.router.journal.pending() == {"audit": 2}
+    finally:
+        rig.router.close()
+
+
 @pytest.fixture
 def rampdown(redis_server: RedisServer) -> Iterator[Rig]:
     """Redis authoritative with memory mirrored and falling back, the breaker's reset timeout short."""
