@@ -155,7 +155,7 @@ def test_a_failed_flush_with_fallback_goes_to_memory_and_the_journal(redis_serve
         rig.router.close()
 
 
-def test_a_failed_round_trip_writes_its_follow_up_to_memory_after_the_call_it_follows(
+def test_a_failed_round_trip_writes_its_follow_up_to_memory_with_the_call_it_follows(
         redis_server: RedisServer) -> None:
     """Redis paused under an audit write with its index entry following: the record and the entry
     both reach memory and the journal, as any queued write and the call that carried it do."""
