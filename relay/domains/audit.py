@@ -226,8 +226,9 @@ class AuditIndex:
                 claimable: Optional[Claimable] = None) -> tuple[bool, bool]:
         """Replace the record with ``change(record)`` (retried on a concurrent write), index it and
         claim ``claimable`` once it is written. Each attempt's index entry follows its write, in the
-        write's round trip (an attempt that loses the race re-scores an entry the next attempt scores
-        again). Returns whether ``change`` added anything (``False`` when it returned ``None``) and
+        write's round trip (in a unit of work an attempt that loses the race still sends it,
+        re-scoring an entry the next attempt scores again; elsewhere only a write that succeeded
+        does). Returns whether ``change`` added anything (``False`` when it returned ``None``) and
         whether the claim succeeded."""
         store = self._store()
         added = False

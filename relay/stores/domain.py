@@ -187,8 +187,8 @@ class DomainStore:
         """``update``, then ``claimable`` claimed, but only once the change is written: in the same
         call (``Store.compare_and_set_then_claim``, one round trip where both domains live on one
         Redis), or on its own when ``change`` has nothing to write. ``then(new)``: a plain write to
-        follow each attempt's write (``_compare_and_set_then_claim``). Returns the record and whether the claim succeeded
-        (``False`` without ``claimable``)."""
+        follow each attempt's write (``_compare_and_set_then_claim``). Returns the record and whether
+        the claim succeeded (``False`` without ``claimable``)."""
         key = self.key(id_)
         for _ in range(attempts):
             raw = self.store.get(key)
