@@ -16,7 +16,7 @@ answers no command. The benchmark used the agents of ``tests.cluster.harness`` b
 each, every frame parsed and kept). They took about 0.5 ms of CPU per callback, half a core at the
 relay's pace, against 0.13 ms for these. On two cores that starved the load generator now and then:
 every request in flight then read some 150 ms slower, all at once, while the relay saw nothing slow
-(README, Performance).
+(``docs/performance.md``).
 """
 from __future__ import annotations
 

@@ -244,7 +244,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     pass with nothing else to do, which a saturated worker may not have for a long time: with the
     Redis round trips of every request on one connection (``relay/stores/redis_multiplex.py``) all
     32 benchmark clients stalled together for 100 to 150 ms a few times a second, and the Redis-mode
-    p99 read 45 to 97 ms instead of 21 ms (``README.md``, Performance)."""
+    p99 read 45 to 97 ms instead of 21 ms (``docs/performance.md``)."""
     if worker_class == "gevent":
         from gevent import get_hub
 
