@@ -93,3 +93,79 @@ def test_bounded_semaphore_under_gevent_is_gevents_and_makes_the_third_wait() ->
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"gevents": True, "third_waited": True}
+
+
+KEPT_UNDER_GEVENT = """
+from gevent import monkey; monkey.patch_all()
+import contextvars, json, logging
+import gevent, gevent.event
+from gevent import getcurrent, get_hub
+from relay.locks import KeptGreenlets, spawn_thread
+
+failures = []
+logging.getLogger("relay").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: failures.append(r.getMessage())})())
+marked = contextvars.ContextVar("marked", default="unset")
+kept = KeptGreenlets(keep=4)
+
+def one_after_another(run, count):
+    ran, seen = [], []
+    for n in range(count):
+        done = gevent.event.Event()
+        def task(n=n, done=done):
+            ran.append(n)
+            seen.append(marked.get())
+            marked.set(f"task {n}")
+            if n == 2:
+                done.set()
+                raise RuntimeError("boom")
+            done.set()
+        run(task)
+        done.wait(5)
+        gevent.sleep(0)
+    return ran, seen
+
+greenlets = []
+def record(task):
+    def wrapped():
+        greenlets.append(getcurrent())
+        task()
+    return wrapped
+
+ran, seen = one_after_another(lambda task: kept.run(record(task)), 20)
+kept_greenlets = len({id(g) for g in greenlets})
+greenlets.clear()
+one_after_another(lambda task: gevent.spawn_raw(lambda: (greenlets.append(getcurrent()), task())), 5)
+raw_greenlets = len({id(g) for g in greenlets})
+
+release, started = gevent.event.Event(), []
+for n in range(10):
+    kept.run(lambda n=n: (started.append(n), release.wait(5)))
+gevent.sleep(0.05)
+at_once = len(started)
+release.set()
+gevent.sleep(0.05)
+
+from_loop = gevent.event.Event()
+get_hub().loop.run_callback(lambda: kept.run(from_loop.set))
+spawned = gevent.event.Event()
+spawn_thread(spawned.set)
+
+print(json.dumps({"ran": ran == list(range(20)), "fresh_context": set(seen) == {"unset"},
+                  "kept_greenlets": kept_greenlets, "raw_greenlets": raw_greenlets, "at_once": at_once,
+                  "idle": kept.idle(), "failures": failures, "from_loop": from_loop.wait(5),
+                  "spawn_thread": spawned.wait(5)}))
+"""
+
+
+def test_kept_greenlets_run_each_task_on_a_greenlet_kept_from_the_last_in_a_fresh_context() -> None:
+    done = subprocess.run([sys.executable, "-c", KEPT_UNDER_GEVENT], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        # Twenty tasks one after another on one greenlet (spawned ones: one each), none seeing the
+        # context variable the task before it set, the failing third logged and the rest run.
+        "ran": True, "fresh_context": True, "kept_greenlets": 1, "raw_greenlets": 5,
+        # Ten at once on ten greenlets; four kept when they end.
+        "at_once": 10, "idle": 4,
+        "failures": ["background task failed"], "from_loop": True, "spawn_thread": True,
+    }
