@@ -15,11 +15,12 @@ one under gevent) and ``spawn_thread`` (a greenlet under gevent, kept for the ne
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger("relay")
 
@@ -50,54 +51,67 @@ class KeptGreenlets:
     maps a fresh 16 KiB stack for its Python frames, faults it in and unmaps it when it ends: on
     the benchmark VM 28 to 40 µs a task, half of it in the kernel, against 5 to 10 µs for a task
     handed to a kept greenlet (``docs/performance.md``). Each task runs in a context of its own
-    (``contextvars``), as on a new greenlet, and a task that raises is logged and does not end its
-    greenlet.
+    (``contextvars``), as on a new greenlet. A task that raises an ``Exception`` is logged with the
+    request id it ran under, and its greenlet goes on; any other ``BaseException`` ends the
+    greenlet and reaches the event loop, as with ``spawn_raw``. A kept greenlet killed while it
+    waits is no longer kept.
     """
 
     def __init__(self, keep: int = KEPT_GREENLETS) -> None:
+        from gevent import get_hub, getcurrent, spawn_raw
+
         self._keep = keep
         self._idle: list[Any] = []
+        self._get_hub, self._getcurrent, self._spawn_raw = get_hub, getcurrent, spawn_raw
 
     def run(self, task: Callable[[], Any]) -> None:
         """Start ``task`` at the event loop's next pass; callable from the loop itself."""
-        from gevent import get_hub, spawn_raw
-
-        hub = get_hub()
+        hub = self._get_hub()
         while self._idle:
             kept = self._idle.pop()
-            if kept.parent is hub:
+            if kept.parent is hub and not kept.dead:
                 hub.loop.run_callback(kept.switch, task)
                 return
-        spawn_raw(self._serve, task)
+        self._spawn_raw(self._serve, task)
 
     def idle(self) -> int:
         """Greenlets waiting for a task."""
         return len(self._idle)
 
-    def _serve(self, task: Callable[[], Any]) -> None:
-        from gevent import get_hub, getcurrent
-
-        hub, current = get_hub(), getcurrent()
-        while True:
+    def _serve(self, task: Optional[Callable[[], Any]]) -> None:
+        hub, current = self._get_hub(), self._getcurrent()
+        while task is not None:
+            context = contextvars.Context()
             try:
-                contextvars.Context().run(task)
+                context.run(task)
             except Exception:
-                log.exception("background task failed")
+                context.run(log.exception, "background task failed", extra={"event": "background_task_failed"})
+            # Nothing the task holds stays alive while this greenlet waits for the next one.
+            task = None
             if len(self._idle) >= self._keep:
                 return
             self._idle.append(current)
-            task = hub.switch()
+            try:
+                while not callable(task):
+                    task = hub.switch()
+            except BaseException:
+                if current in self._idle:
+                    self._idle.remove(current)
+                raise
 
 
-_kept_greenlets = KeptGreenlets()
+@functools.cache
+def kept_greenlets() -> KeptGreenlets:
+    """The process's ``KeptGreenlets``, made on first use (under gevent only)."""
+    return KeptGreenlets()
 
 
 def spawn_thread(run: Callable[[], Any], name: str = "relay") -> None:
     """Run ``run`` on a new daemon thread; under gevent's monkey-patching, on a greenlet
-    (``KeptGreenlets``: a patched ``Thread.start`` also waits until the greenlet has run, and may
-    not be called from the event loop, where signal handlers run)."""
+    (``kept_greenlets``), not a patched ``Thread``, whose ``start`` waits until the greenlet has
+    run and may not be called from the event loop, where signal handlers run."""
     if gevent_patched():
-        _kept_greenlets.run(run)
+        kept_greenlets().run(run)
     else:
         threading.Thread(target=run, name=name, daemon=True).start()
 

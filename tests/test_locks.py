@@ -97,45 +97,64 @@ def test_bounded_semaphore_under_gevent_is_gevents_and_makes_the_third_wait() ->
 
 KEPT_UNDER_GEVENT = """
 from gevent import monkey; monkey.patch_all()
-import contextvars, json, logging
+import contextvars, gc, json, logging, weakref
 import gevent, gevent.event
 from gevent import getcurrent, get_hub
 from relay.locks import KeptGreenlets, spawn_thread
+from relay.telemetry import request_id
 
 failures = []
-logging.getLogger("relay").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: failures.append(r.getMessage())})())
+class Keep(logging.Handler):
+    def emit(self, record):
+        failures.append([record.getMessage(), record.event, request_id.get()])
+logging.getLogger("relay").addHandler(Keep())
 marked = contextvars.ContextVar("marked", default="unset")
 kept = KeptGreenlets(keep=4)
+greenlets, seen = [], []
 
-def one_after_another(run, count):
-    ran, seen = [], []
+def one_after_another(count):
     for n in range(count):
         done = gevent.event.Event()
         def task(n=n, done=done):
-            ran.append(n)
+            greenlets.append(getcurrent())
             seen.append(marked.get())
             marked.set(f"task {n}")
-            if n == 2:
-                done.set()
-                raise RuntimeError("boom")
+            request_id.set(f"request {n}")
             done.set()
-        run(task)
+            if n == 2:
+                raise RuntimeError("boom")
+        kept.run(task)
         done.wait(5)
         gevent.sleep(0)
-    return ran, seen
 
-greenlets = []
-def record(task):
-    def wrapped():
-        greenlets.append(getcurrent())
-        task()
-    return wrapped
+one_after_another(20)
+in_a_row = {"greenlets": len({id(g) for g in greenlets}), "fresh_context": seen == ["unset"] * 20,
+            "idle": kept.idle()}
 
-ran, seen = one_after_another(lambda task: kept.run(record(task)), 20)
-kept_greenlets = len({id(g) for g in greenlets})
-greenlets.clear()
-one_after_another(lambda task: gevent.spawn_raw(lambda: (greenlets.append(getcurrent()), task())), 5)
-raw_greenlets = len({id(g) for g in greenlets})
+gevent.kill(greenlets[-1])
+gevent.sleep(0)
+after_kill = {"idle": kept.idle(), "dead": greenlets[-1].dead}
+ran = gevent.event.Event()
+kept.run(ran.set)
+after_kill["next_ran"] = ran.wait(5)
+gevent.sleep(0)
+
+class Holder:
+    def __call__(self):
+        pass
+holder = Holder()
+held = weakref.ref(holder)
+kept.run(holder)
+del holder
+gevent.sleep(0.01)
+gc.collect()
+after_kill["task_let_go"] = held() is None
+
+def leave():
+    raise gevent.GreenletExit()
+kept.run(leave)
+gevent.sleep(0.01)
+after_exit = {"idle": kept.idle()}
 
 release, started = gevent.event.Event(), []
 for n in range(10):
@@ -150,8 +169,7 @@ get_hub().loop.run_callback(lambda: kept.run(from_loop.set))
 spawned = gevent.event.Event()
 spawn_thread(spawned.set)
 
-print(json.dumps({"ran": ran == list(range(20)), "fresh_context": set(seen) == {"unset"},
-                  "kept_greenlets": kept_greenlets, "raw_greenlets": raw_greenlets, "at_once": at_once,
+print(json.dumps({"in_a_row": in_a_row, "after_kill": after_kill, "after_exit": after_exit, "at_once": at_once,
                   "idle": kept.idle(), "failures": failures, "from_loop": from_loop.wait(5),
                   "spawn_thread": spawned.wait(5)}))
 """
@@ -162,10 +180,15 @@ def test_kept_greenlets_run_each_task_on_a_greenlet_kept_from_the_last_in_a_fres
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
-        # Twenty tasks one after another on one greenlet (spawned ones: one each), none seeing the
-        # context variable the task before it set, the failing third logged and the rest run.
-        "ran": True, "fresh_context": True, "kept_greenlets": 1, "raw_greenlets": 5,
+        # Twenty tasks one after another on one greenlet, none seeing the context variable the task
+        # before it set; the failing third logged under its own request id, and the rest run.
+        "in_a_row": {"greenlets": 1, "fresh_context": True, "idle": 1},
+        "failures": [["background task failed", "background_task_failed", "request 2"]],
+        # Killed while it waits, the kept greenlet is no longer kept, and the next task runs anyway. A
+        # finished task is not held by the greenlet waiting for the next one.
+        "after_kill": {"idle": 0, "dead": True, "next_ran": True, "task_let_go": True},
+        # A task ending its greenlet (GreenletExit) leaves it out of the kept ones too.
+        "after_exit": {"idle": 0},
         # Ten at once on ten greenlets; four kept when they end.
-        "at_once": 10, "idle": 4,
-        "failures": ["background task failed"], "from_loop": True, "spawn_thread": True,
+        "at_once": 10, "idle": 4, "from_loop": True, "spawn_thread": True,
     }
