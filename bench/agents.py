@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 import requests
 
 from tests.support.agent_swarm import AgentSwarm
-from tests.support.live_relay import TEST_APP, LiveRelay, ProcessStats, live_relay
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from tests.support.live_relay import TEST_APP, LiveRelay, ProcessStats, live_relay, process_times
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, Optional[float]]:
@@ -38,11 +34,6 @@ def _percentiles(samples_ms: list[float]) -> dict[str, Optional[float]]:
         return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 2)
 
     return {"p50_ms": rank(0.50), "p95_ms": rank(0.95), "p99_ms": rank(0.99), "max_ms": round(ordered[-1], 2)}
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _http_load(url: str, total: int, threads: int, deadline: float) -> dict[str, Any]:
@@ -133,9 +124,9 @@ def run(
             result["register_seconds"] = round(time.monotonic() - connect_started, 2)
             result["worker_with_agents"] = _describe(_worker(relay))
 
-            cpu_before = _cpu_seconds(_worker(relay).pid)
+            cpu_before = process_times(_worker(relay).pid).cpu_s
             load = _http_load(url, requests_total, http_threads, deadline - 5)
-            load["relay_cpu_seconds"] = round(_cpu_seconds(_worker(relay).pid) - cpu_before, 2)
+            load["relay_cpu_seconds"] = round(process_times(_worker(relay).pid).cpu_s - cpu_before, 2)
             result["http_with_agents"] = load
             result["worker_after_load"] = _describe(_worker(relay))
             result["still_connected"] = swarm.count("open")

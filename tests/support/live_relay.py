@@ -22,12 +22,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import requests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEST_APP = "tests.agents.app_for_tests:create_app()"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class RelayStartError(RuntimeError):
@@ -46,6 +47,36 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class ProcessTimes(NamedTuple):
+    """CPU seconds in user and in kernel mode, and minor page faults, of a process or several."""
+
+    user_s: float
+    system_s: float
+    minor_faults: int
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.system_s
+
+    def since(self, before: ProcessTimes) -> ProcessTimes:
+        return ProcessTimes(self.user_s - before.user_s, self.system_s - before.system_s,
+                            self.minor_faults - before.minor_faults)
+
+    def plus(self, other: ProcessTimes) -> ProcessTimes:
+        return ProcessTimes(self.user_s + other.user_s, self.system_s + other.system_s,
+                            self.minor_faults + other.minor_faults)
+
+
+def process_times(*pids: int) -> ProcessTimes:
+    """``ProcessTimes`` of ``pids`` together, from ``/proc/<pid>/stat`` (Linux)."""
+    user = system = faults = 0
+    for pid in pids:
+        # the command name is in parentheses and may contain spaces: split after it
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        faults, user, system = faults + int(fields[7]), user + int(fields[11]), system + int(fields[12])
+    return ProcessTimes(user / CLOCK_TICKS, system / CLOCK_TICKS, faults)
 
 
 def process_stats(pid: int) -> ProcessStats:
@@ -102,6 +133,10 @@ class LiveRelay:
             if ppid == self.pid:
                 pids.append(int(entry.name))
         return sorted(pids)
+
+    def times(self) -> ProcessTimes:
+        """``ProcessTimes`` of the master and every worker together."""
+        return process_times(self.pid, *self.worker_pids())
 
     def worker_stats(self) -> list[ProcessStats]:
         return [process_stats(pid) for pid in self.worker_pids()]
