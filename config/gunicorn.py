@@ -185,7 +185,7 @@ class OneWriteResponse(gunicorn_wsgi.Response):
         if head is None:
             super()._emit_body(data)
         else:
-            self.sock.sendall(head + data)
+            self._write(head + data)
 
     def sendfile(self, respiter: Any) -> bool:
         self._head_at_once = True
@@ -203,7 +203,15 @@ class OneWriteResponse(gunicorn_wsgi.Response):
     def _send_head(self) -> None:
         head, self._head = self._head, None
         if head:
-            self.sock.sendall(head)
+            self._write(head)
+
+    def _write(self, payload: bytes) -> None:
+        """One ``send``, then ``sendall`` for what the socket buffer did not take. A response nearly
+        always fits, and gevent's ``sendall`` asks the kernel for the buffer size on every call and
+        loops in Python: 7.6 against 2.9 µs for a 400-byte write on the benchmark VM."""
+        sent = self.sock.send(payload)
+        if sent < len(payload):
+            self.sock.sendall(memoryview(payload)[sent:])
 
 
 def send_heads_with_bodies() -> None:

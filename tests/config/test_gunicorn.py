@@ -120,13 +120,23 @@ def test_the_worker_moves_what_it_made_at_startup_out_of_the_collector_s_way(mon
 
 # -- responses in one write -------------------------------------------------------------------------
 class _Sent:
-    """A client socket that keeps what each ``sendall`` (and ``sendfile``) got."""
+    """A client socket that keeps what each ``send``, ``sendall`` (and ``sendfile``) got; ``send`` takes
+    at most ``room`` bytes, as a socket whose buffer is nearly full."""
 
-    def __init__(self) -> None:
+    def __init__(self, room: Optional[int] = None) -> None:
         self.writes: list[bytes] = []
+        self.calls: list[str] = []
+        self.room = room
+
+    def send(self, data: bytes) -> int:
+        taken = bytes(data[:self.room])
+        self.writes.append(taken)
+        self.calls.append("send")
+        return len(taken)
 
     def sendall(self, data: bytes) -> None:
         self.writes.append(bytes(data))
+        self.calls.append("sendall")
 
     def sendfile(self, file: Any, offset: int = 0, count: Optional[int] = None) -> None:
         file.seek(offset)
@@ -134,14 +144,14 @@ class _Sent:
 
 
 def _respond(response_class: type, method: str, headers: list[tuple[str, str]], body: list[bytes],
-             monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+             monkeypatch: pytest.MonkeyPatch, sock: Optional[_Sent] = None) -> list[bytes]:
     from types import SimpleNamespace
 
     from gunicorn import util
     from gunicorn.config import Config
 
     monkeypatch.setattr(util, "http_date", lambda *args: "Fri, 27 Nov 2026 00:00:00 GMT")
-    sock = _Sent()
+    sock = sock or _Sent()
     request = SimpleNamespace(version=(1, 1), method=method, should_close=lambda: False)
     response = response_class(request, sock, Config())
     response.start_response("200 OK", headers)
@@ -174,6 +184,20 @@ def test_a_response_sends_the_same_bytes_as_gunicorns_with_its_head_joined_to_th
         assert len(ours) == len(theirs) - 1
     else:
         assert len(ours) == len(theirs) == 1
+
+
+def test_a_response_that_fits_is_one_send_and_the_rest_of_one_that_does_not_follows_with_sendall(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.gunicorn import OneWriteResponse
+
+    headers, body = [("Content-Length", "15")], [b'{"status":"ok"}']
+    roomy, tight = _Sent(), _Sent(room=20)
+    whole = _respond(OneWriteResponse, "GET", headers, body, monkeypatch, roomy)
+    split = _respond(OneWriteResponse, "GET", headers, body, monkeypatch, tight)
+
+    assert roomy.calls == ["send"] and len(whole) == 1
+    assert tight.calls == ["send", "sendall"] and len(split[0]) == 20
+    assert b"".join(split) == whole[0]
 
 
 def test_a_file_sent_with_sendfile_follows_its_head(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
