@@ -79,7 +79,6 @@ MODES: dict[str, dict[str, str]] = {
 }
 
 
-
 def _relay_cpu(relay: LiveRelay) -> float:
     """CPU seconds of the gunicorn master and every worker."""
     return relay.times().cpu_s
