@@ -331,8 +331,10 @@ class Reconciler:
 
     # -- scheduling -------------------------------------------------------------------------------
     def schedule_copy(self, domain: str, direction: str) -> None:
-        """``direction`` is ``"backfill"`` (memory to Redis) or ``"warmup"`` (Redis to memory)."""
+        """``direction`` is ``"backfill"`` (memory to Redis) or ``"warmup"`` (Redis to memory). It
+        replaces a copy of the domain still queued: the newest plan decides which way to copy."""
         with self._jobs_lock:
+            self._jobs = [job for job in self._jobs if job[0] != domain]
             self._jobs.append((domain, direction))
             self.progress[domain] = CopyProgress(direction, state="queued")
         self._wake.set()
@@ -371,15 +373,14 @@ class Reconciler:
             return False
 
     def run_once(self) -> None:
-        """One pass: pending write-backs, then queued copies (only while Redis answers)."""
+        """One pass: pending write-backs, then the copies queued when it began (only while Redis
+        answers). A copy a backend failure cut short is queued again for the next pass."""
         if not (self.journal.pending() or self._jobs) or not self.redis_healthy():
             return
         self.write_back()
-        while True:
-            with self._jobs_lock:
-                if not self._jobs:
-                    return
-                domain, direction = self._jobs.pop(0)
+        with self._jobs_lock:
+            jobs, self._jobs = self._jobs, []
+        for domain, direction in jobs:
             self.copy_domain(domain, direction)
 
     # -- work -------------------------------------------------------------------------------------
@@ -439,8 +440,6 @@ class Reconciler:
             progress.state = "done" if progress.errors == 0 else "failed"
         except StoreError as exc:
             progress.state = "failed"
-            with self._jobs_lock:  # the backend went away mid-copy: try again on a later pass
-                self._jobs.append((domain, direction))
             log.error("store copy failed", extra={"event": f"{direction}_failed", "domain": domain,
                                                   "error": type(exc).__name__})
         progress.finished_at = time.time()
@@ -448,6 +447,12 @@ class Reconciler:
                                                **progress.as_dict()})
         if progress.state == "done":
             self._finished(domain)
+        else:
+            # A backend failed for the whole copy or for some keys: copy again on a later pass (a
+            # copy writes only what the target lacks or holds older, so running it again is safe).
+            with self._jobs_lock:
+                if all(queued != domain for queued, _ in self._jobs):  # unless a newer copy replaced it
+                    self._jobs.append((domain, direction))
         return progress
 
     def _finished(self, domain: str) -> None:

@@ -248,6 +248,62 @@ def test_backfill_copies_memory_only_state_and_keeps_newer_redis_values(rig: Rig
     assert dict(rig.redis.index_range(PREFIX + "#updated")) == {"old": 1000.0, "both": 1000.0}
 
 
+class RefusingWrites:
+    """A backend whose compare-and-set of ``key`` fails ``times`` times as an unreachable Redis
+    would; every other call goes to ``store``."""
+
+    def __init__(self, store: RedisStore, key: str, times: int) -> None:
+        self._store, self._key, self.refusals_left = store, key, times
+        self.refused = 0
+
+    def compare_and_set(self, key: str, expected: Optional[str], value: str, ttl_ms: Optional[int] = None) -> bool:
+        if key == self._key and self.refusals_left:
+            self.refusals_left -= 1
+            self.refused += 1
+            raise StoreUnavailable("refused")
+        return self._store.compare_and_set(key, expected, value, ttl_ms)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def _copy_rig(rig: Rig, refusals: int) -> tuple[Reconciler, RefusingWrites, list[str]]:
+    rig.memory.set(PREFIX + "a", envelope({"v": "a"}, 1000))
+    rig.memory.set(PREFIX + "b", envelope({"v": "b"}, 1000))
+    target = RefusingWrites(rig.redis, PREFIX + "b", refusals)
+    finished: list[str] = []
+    reconciler = Reconciler({"memory": rig.memory, "redis": target}, rig.journal, rig.observer,  # type: ignore[dict-item]
+                            lambda domain: PREFIX, on_copy_done=finished.append)
+    reconciler.schedule_copy("audit", "backfill")
+    return reconciler, target, finished
+
+
+def test_a_copy_that_failed_for_some_keys_runs_again_on_the_next_pass_and_finishes(rig: Rig) -> None:
+    reconciler, target, finished = _copy_rig(rig, refusals=1)
+
+    reconciler.run_once()
+    first = reconciler.progress["audit"]
+    assert (first.state, first.written, first.errors) == ("failed", 1, 1) and finished == []
+
+    reconciler.run_once()
+    second = reconciler.progress["audit"]
+    assert (second.state, second.written, second.kept_newer) == ("done", 1, 1) and finished == ["audit"]
+    assert json.loads(rig.redis.get(PREFIX + "b"))["data"] == {"v": "b"}
+
+
+def test_a_copy_that_keeps_failing_is_tried_once_a_pass_until_a_newer_copy_replaces_it(rig: Rig) -> None:
+    reconciler, target, finished = _copy_rig(rig, refusals=1_000)
+
+    for passes in (1, 2, 3):
+        reconciler.run_once()
+        assert target.refused == passes and reconciler.progress["audit"].state == "failed"
+    reconciler.schedule_copy("audit", "warmup")
+    reconciler.run_once()
+    assert reconciler.progress["audit"].direction == "warmup" and reconciler.progress["audit"].state == "done"
+    reconciler.run_once()
+    assert target.refused == 3 and finished == ["audit"]
+
+
 def test_warmup_copies_redis_state_into_memory(rig: Rig) -> None:
     rig.redis.set(PREFIX + "a", envelope({"v": 1}, 1000))
     progress = rig.reconciler.copy_domain("audit", "warmup")
