@@ -381,7 +381,10 @@ class Reconciler:
         with self._jobs_lock:
             jobs, self._jobs = self._jobs, []
         for domain, direction in jobs:
-            self.copy_domain(domain, direction)
+            with self._jobs_lock:
+                replaced = any(queued == domain for queued, _ in self._jobs)
+            if not replaced:  # a phase change during the pass queued a newer copy of the domain
+                self.copy_domain(domain, direction)
 
     # -- work -------------------------------------------------------------------------------------
     def write_back(self) -> dict[str, int]:

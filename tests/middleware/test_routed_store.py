@@ -304,6 +304,32 @@ def test_a_copy_that_keeps_failing_is_tried_once_a_pass_until_a_newer_copy_repla
     assert target.refused == 3 and finished == ["audit"]
 
 
+def test_a_copy_queued_again_during_a_pass_replaces_the_one_the_pass_was_about_to_run(rig: Rig) -> None:
+    """A phase change while a pass copies another domain: the domain's older copy is not run after
+    the newer one was queued (its end would stop the newer plan's pulling before that copy ran)."""
+    rig.memory.set(PREFIX + "a", envelope({"v": "a"}, 1000))
+    finished: list[str] = []
+    reconciler = Reconciler(rig.backends, rig.journal, rig.observer, lambda domain: PREFIX,
+                            on_copy_done=finished.append)
+    copy_domain = reconciler.copy_domain
+    ran: list[tuple[str, str]] = []
+
+    def copying(domain: str, direction: str) -> Any:
+        ran.append((domain, direction))
+        if domain == "audit":
+            reconciler.schedule_copy("idempotency", "warmup")
+        return copy_domain(domain, direction)
+
+    reconciler.copy_domain = copying  # type: ignore[method-assign]
+    reconciler.schedule_copy("audit", "backfill")
+    reconciler.schedule_copy("idempotency", "backfill")
+    reconciler.run_once()
+    assert ran == [("audit", "backfill")] and finished == ["audit"]
+    assert reconciler.progress["idempotency"].state == "queued"
+    reconciler.run_once()
+    assert ran[1:] == [("idempotency", "warmup")] and finished == ["audit", "idempotency"]
+
+
 def test_warmup_copies_redis_state_into_memory(rig: Rig) -> None:
     rig.redis.set(PREFIX + "a", envelope({"v": 1}, 1000))
     progress = rig.reconciler.copy_domain("audit", "warmup")
