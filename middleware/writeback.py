@@ -382,9 +382,13 @@ class Reconciler:
             jobs, self._jobs = self._jobs, []
         for domain, direction in jobs:
             with self._jobs_lock:
-                replaced = any(queued == domain for queued, _ in self._jobs)
+                replaced = self._queued(domain)
             if not replaced:  # a phase change during the pass queued a newer copy of the domain
                 self.copy_domain(domain, direction)
+
+    def _queued(self, domain: str) -> bool:
+        """Whether a copy of ``domain`` waits for the next pass (the caller holds the jobs lock)."""
+        return any(queued == domain for queued, _ in self._jobs)
 
     # -- work -------------------------------------------------------------------------------------
     def write_back(self) -> dict[str, int]:
@@ -454,7 +458,7 @@ class Reconciler:
             # A backend failed for the whole copy or for some keys: copy again on a later pass (a
             # copy writes only what the target lacks or holds older, so running it again is safe).
             with self._jobs_lock:
-                if all(queued != domain for queued, _ in self._jobs):  # unless a newer copy replaced it
+                if not self._queued(domain):  # unless a newer copy replaced it
                     self._jobs.append((domain, direction))
         return progress
 

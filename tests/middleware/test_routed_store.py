@@ -304,6 +304,28 @@ def test_a_copy_that_keeps_failing_is_tried_once_a_pass_until_a_newer_copy_repla
     assert target.refused == 3 and finished == ["audit"]
 
 
+def test_a_copy_whose_source_cannot_be_listed_is_tried_once_a_pass(rig: Rig) -> None:
+    """The whole copy failing (the keys cannot even be listed) is retried on the next pass, not in a
+    loop within the pass."""
+    listings: list[str] = []
+
+    class Unlisted:
+        def scan_keys(self, prefix: str) -> list[str]:
+            listings.append(prefix)
+            assert len(listings) <= 2, "copied again within the pass"
+            raise StoreUnavailable("refused")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(rig.memory, name)
+
+    reconciler = Reconciler({"memory": Unlisted(), "redis": rig.redis}, rig.journal,  # type: ignore[dict-item]
+                            rig.observer, lambda domain: PREFIX)
+    reconciler.schedule_copy("audit", "backfill")
+    for passes in (1, 2):
+        reconciler.run_once()
+        assert len(listings) == passes and reconciler.progress["audit"].state == "failed"
+
+
 def test_a_copy_queued_again_during_a_pass_replaces_the_one_the_pass_was_about_to_run(rig: Rig) -> None:
     """A phase change while a pass copies another domain: the domain's older copy is not run after
     the newer one was queued (its end would stop the newer plan's pulling before that copy ran)."""
